@@ -1,0 +1,1 @@
+"""Detection ops in pure PyTorch (no compiled extension)."""
