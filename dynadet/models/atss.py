@@ -1,0 +1,139 @@
+"""ATSS (Zhang et al., CVPR 2020) head as MMDetection implements it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dynadet.models.assigners import atss_assign
+from dynadet.models.dense_head import TowerHead, concat_levels, flatten_level, reduce_mean
+from dynadet.models.fcos import centerness_target
+from dynadet.models.priors import AnchorGenerator, anchor_centers
+from dynadet.ops.boxes import BoxCoder, bbox2distance
+from dynadet.ops.losses import giou_loss, sigmoid_focal_loss
+
+
+class ATSSHead(TowerHead):
+    """ATSS head: one anchor per location, adaptive positive selection, GIoU on decoded boxes.
+
+    The priors are one square anchor of side ``octave_base_scale·s`` (8·s) per location.
+    Regression outputs are ``DeltaXYWH`` deltas (stds 0.1/0.1/0.2/0.2) multiplied by a learnable
+    per-level :class:`Scale`; the GIoU loss (weight 2) compares decoded boxes with the ground
+    truth, weighted by the centerness target of the anchor centre and divided by its sum.
+
+    Args (beyond :class:`TowerHead`):
+        topk: candidates per level and box (9).
+        box_stds: delta normalisation.
+        box_loss_weight: GIoU weight (2.0).
+        pred_kernel_size: 3 (MMDetection ATSS) or 1 (DyHead's ATSS, towers removed).
+
+    Shapes: as :class:`dynadet.models.fcos.FCOSHead`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        anchor_generator: AnchorGenerator,
+        in_channels: int = 256,
+        feat_channels: int = 256,
+        num_convs: int = 4,
+        norm: str = "gn",
+        conv_bias: bool | None = None,
+        pred_kernel_size: int = 3,
+        use_scales: bool = True,
+        topk: int = 9,
+        box_stds: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
+        box_loss_weight: float = 2.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        score_thresh: float = 0.05,
+        nms_pre: int = 1000,
+        nms_thresh: float = 0.6,
+        max_per_img: int = 100,
+        min_box_size: float | None = None,
+        prior_prob: float = 0.01,
+    ) -> None:
+        super().__init__(
+            num_classes,
+            anchor_generator,
+            in_channels=in_channels,
+            feat_channels=feat_channels,
+            num_convs=num_convs,
+            norm=norm,
+            conv_bias=conv_bias,
+            centerness=True,
+            centerness_on_reg=True,
+            use_scales=use_scales,
+            pred_kernel_size=pred_kernel_size,
+            prior_prob=prior_prob,
+            score_thresh=score_thresh,
+            nms_pre=nms_pre,
+            nms_thresh=nms_thresh,
+            max_per_img=max_per_img,
+            min_box_size=min_box_size,
+        )
+        if anchor_generator.num_anchors != 1:
+            raise ValueError("ATSSHead needs one anchor per location")
+        self.topk = topk
+        self.box_coder = BoxCoder(stds=tuple(box_stds), clamp=abs(math.log(16 / 1000)))
+        self.box_loss_weight = box_loss_weight
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    def loss(
+        self,
+        outputs: dict[str, list[Tensor]],
+        priors: list[Tensor],
+        targets: Sequence[dict[str, Tensor]],
+    ) -> dict[str, Tensor]:
+        cls = concat_levels(outputs["cls"], self.num_classes)
+        reg = concat_levels(outputs["reg"], 4)
+        ctr = concat_levels(outputs["ctr"], 1)[..., 0]
+        anchors = torch.cat(priors)
+        num_per_level = [p.shape[0] for p in priors]
+        cls_target = torch.zeros_like(cls)
+        fg_masks, gt_list = [], []
+        for i, t in enumerate(targets):
+            matched = atss_assign(anchors, num_per_level, t["boxes"], self.topk)
+            fg = matched >= 0
+            cls_target[i, fg, t["labels"][matched[fg]]] = 1.0
+            fg_masks.append(fg)
+            gt_list.append(t["boxes"][matched.clamp(min=0)] if t["boxes"].numel() else anchors)
+        fg_mask = torch.stack(fg_masks)
+        num_pos = reduce_mean(fg_mask.sum().to(cls.dtype)).clamp(min=1.0)
+        loss_cls = sigmoid_focal_loss(
+            cls, cls_target, self.focal_alpha, self.focal_gamma, reduction="sum"
+        ) / num_pos
+
+        gt_fg = torch.stack(gt_list)[fg_mask]
+        anchors_fg = anchors.expand(fg_mask.shape[0], -1, -1)[fg_mask]
+        pred_boxes = self.box_coder.decode(reg[fg_mask], anchors_fg)
+        ctr_target = centerness_target(bbox2distance(anchor_centers(anchors_fg), gt_fg))
+        denom = reduce_mean(ctr_target.sum().detach()).clamp(min=1.0)
+        loss_box = (giou_loss(pred_boxes, gt_fg, reduction="none") * ctr_target).sum() / denom
+        loss_ctr = F.binary_cross_entropy_with_logits(
+            ctr[fg_mask], ctr_target, reduction="sum"
+        ) / num_pos
+        return {
+            "loss_cls": loss_cls,
+            "loss_box": loss_box * self.box_loss_weight,
+            "loss_ctr": loss_ctr,
+        }
+
+    def predict(
+        self,
+        outputs: dict[str, list[Tensor]],
+        priors: list[Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        scores, boxes, factors = [], [], []
+        for cls, reg, ctr, p in zip(outputs["cls"], outputs["reg"], outputs["ctr"], priors,
+                                    strict=True):
+            scores.append(flatten_level(cls, self.num_classes).sigmoid())
+            factors.append(flatten_level(ctr, 1).sigmoid()[..., 0])
+            boxes.append(self.box_coder.decode(flatten_level(reg, 4), p.expand(reg.shape[0], -1, -1)))
+        return self.select(scores, boxes, image_sizes, factors)

@@ -1,0 +1,25 @@
+"""The one mapping from config ``type`` names to classes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from dynadet.models.atss import ATSSHead
+from dynadet.models.detector import OneStageDetector
+from dynadet.models.fcos import FCOSHead
+from dynadet.models.fpn import FPN
+from dynadet.models.preprocess import Preprocessor
+from dynadet.models.priors import AnchorGenerator
+from dynadet.models.resnet import ResNet
+from dynadet.models.retinanet import RetinaNetHead
+
+REGISTRY: dict[str, Callable] = {
+    "OneStageDetector": OneStageDetector,
+    "ResNet": ResNet,
+    "FPN": FPN,
+    "FCOSHead": FCOSHead,
+    "ATSSHead": ATSSHead,
+    "RetinaNetHead": RetinaNetHead,
+    "AnchorGenerator": AnchorGenerator,
+    "Preprocessor": Preprocessor,
+}
