@@ -67,15 +67,16 @@ class Prediction:
         return int(self.scores.numel())
 
     def names(self) -> list[str]:
-        return [self.class_names[i] if i < len(self.class_names) else str(i)
-                for i in self.labels.tolist()]
+        return [
+            self.class_names[i] if i < len(self.class_names) else str(i)
+            for i in self.labels.tolist()
+        ]
 
     def to_list(self) -> list[dict[str, Any]]:
         """JSON-ready detections."""
         return [
             {"box": [round(v, 2) for v in b], "score": round(s, 4), "label": n}
-            for b, s, n in zip(self.boxes.tolist(), self.scores.tolist(), self.names(),
-                               strict=True)
+            for b, s, n in zip(self.boxes.tolist(), self.scores.tolist(), self.names(), strict=True)
         ]
 
     def plot(self, path: str | Path | None = None, min_score: float = 0.0) -> Image.Image:
@@ -85,8 +86,9 @@ class Prediction:
         arr = self.image.clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
         canvas = Image.fromarray(arr)
         draw = ImageDraw.Draw(canvas)
-        for box, score, name in zip(self.boxes.tolist(), self.scores.tolist(), self.names(),
-                                    strict=True):
+        for box, score, name in zip(
+            self.boxes.tolist(), self.scores.tolist(), self.names(), strict=True
+        ):
             if score < min_score:
                 continue
             color = _color(name)
@@ -111,7 +113,10 @@ class Detector:
     """
 
     def __init__(
-        self, model: nn.Module, config: dict[str, Any], class_names: Sequence[str],
+        self,
+        model: nn.Module,
+        config: dict[str, Any],
+        class_names: Sequence[str],
         device: str | torch.device = "cpu",
     ) -> None:
         self.model = model.to(device).eval()
@@ -121,7 +126,9 @@ class Detector:
 
     @classmethod
     def from_config(
-        cls, cfg_or_name: str | Path | Mapping[str, Any], overrides: Sequence[str] = (),
+        cls,
+        cfg_or_name: str | Path | Mapping[str, Any],
+        overrides: Sequence[str] = (),
         device: str | torch.device = "cpu",
     ) -> Detector:
         """Build from a preset name, a YAML path or a config dict (randomly initialised)."""
@@ -157,6 +164,13 @@ class Detector:
         for start in range(0, len(tensors), batch_size):
             chunk = [t.to(self.device) for t in tensors[start : start + batch_size]]
             for t, r in zip(chunk, self.model(chunk), strict=True):
-                out.append(Prediction(r["boxes"].cpu(), r["scores"].cpu(), r["labels"].cpu(),
-                                      self.class_names, t.cpu()))
+                out.append(
+                    Prediction(
+                        r["boxes"].cpu(),
+                        r["scores"].cpu(),
+                        r["labels"].cpu(),
+                        self.class_names,
+                        t.cpu(),
+                    )
+                )
         return out[0] if single else out

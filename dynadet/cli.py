@@ -46,7 +46,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     summary = {}
     for name, pred in zip(names, preds, strict=True):
         keep = pred.scores >= args.score_thresh
-        pred.boxes, pred.scores, pred.labels = pred.boxes[keep], pred.scores[keep], pred.labels[keep]
+        pred.boxes, pred.scores, pred.labels = (
+            pred.boxes[keep],
+            pred.scores[keep],
+            pred.labels[keep],
+        )
         pred.plot(out / f"{name}.png")
         summary[name] = pred.to_list()
         top = ", ".join(f"{d['label']} {d['score']:.2f}" for d in summary[name][:3])
@@ -61,8 +65,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from dynadet.tools.convert import CONVERTERS
 
     if args.source not in CONVERTERS:
-        print(f"error: unknown source {args.source!r}; choose from {sorted(CONVERTERS)}",
-              file=sys.stderr)
+        print(
+            f"error: unknown source {args.source!r}; choose from {sorted(CONVERTERS)}",
+            file=sys.stderr,
+        )
         return 2
     out = CONVERTERS[args.source](args.src, args.dst, arch=args.arch)
     print(f"wrote {out}")
@@ -84,15 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="detect objects in images")
     p.add_argument("model", help="config preset name, YAML path, or checkpoint")
     p.add_argument("images", nargs="*", help="image files")
-    p.add_argument("--synthetic", type=int, default=0, metavar="N",
-                   help="also run on N generated scenes")
+    p.add_argument(
+        "--synthetic", type=int, default=0, metavar="N", help="also run on N generated scenes"
+    )
     p.add_argument("--out", default="outputs/predict", help="folder for PNGs and JSON")
     p.add_argument("--score-thresh", type=float, default=0.3)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    p.add_argument("set", nargs="*", default=[], metavar="key=value",
-                   help=argparse.SUPPRESS)
+    p.add_argument("set", nargs="*", default=[], metavar="key=value", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_predict)
 
     c = sub.add_parser("convert", help="convert foreign weights to a dynadet checkpoint")

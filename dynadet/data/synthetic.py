@@ -36,12 +36,18 @@ def _background(rng: np.random.Generator, h: int, w: int) -> Image.Image:
         x0, x1 = rng.integers(0, w, size=2)
         y0, y1 = rng.integers(0, h, size=2)
         color = tuple(int(c) for c in rng.integers(0, 255, size=3))
-        draw.line([(int(x0), int(y0)), (int(x1), int(y1))], fill=color, width=int(rng.integers(1, 4)))
+        draw.line(
+            [(int(x0), int(y0)), (int(x1), int(y1))], fill=color, width=int(rng.integers(1, 4))
+        )
     return img
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, label: int, box: tuple[int, int, int, int],
-                color: tuple[int, int, int]) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw,
+    label: int,
+    box: tuple[int, int, int, int],
+    color: tuple[int, int, int],
+) -> None:
     x0, y0, x1, y1 = box
     if label == 0:
         draw.rectangle(box, fill=color)
@@ -79,7 +85,9 @@ def render_scene(seed: int, height: int = 256, width: int = 320, max_objects: in
         y0 = int(rng.integers(0, max(1, height - bh)))
         box = (x0, y0, min(width - 1, x0 + bw), min(height - 1, y0 + bh))
         jitter = rng.integers(-35, 35, size=3)
-        color = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(_HUES[label], jitter, strict=True))
+        color = tuple(
+            int(np.clip(c + j, 0, 255)) for c, j in zip(_HUES[label], jitter, strict=True)
+        )
         _draw_shape(draw, label, box, color)
         boxes.append([box[0], box[1], box[2] + 1, box[3] + 1])
         labels.append(label)

@@ -33,7 +33,8 @@ def fcos_assign(
         ranges: ``Tensor[A, 2]`` regress range ``(lo, hi)`` of each point's level.
         gt_boxes: ``Tensor[G, 4]`` xyxy.
         center_radius: centre sampling radius in strides (``None`` disables it).
-        range_inclusive: MMDetection tests ``lo <= m <= hi``; torchvision/Detectron2 ``lo < m < hi``.
+        range_inclusive: MMDetection tests ``lo <= m <= hi``; torchvision and Detectron2
+            ``lo < m < hi``.
 
     A point is a candidate for a box if it lies strictly inside it (and inside the centre region
     ``|p - c|∞ < r·s`` with centre sampling) and its largest side distance is in the level's
@@ -115,15 +116,20 @@ def atss_assign(
 
     cx = anchor_ctr[cand, 0]  # [K, G]
     cy = anchor_ctr[cand, 1]
-    inside = torch.stack(
-        [
-            cx - gt_boxes[None, :, 0],
-            cy - gt_boxes[None, :, 1],
-            gt_boxes[None, :, 2] - cx,
-            gt_boxes[None, :, 3] - cy,
-        ],
-        dim=-1,
-    ).min(dim=-1).values > inside_eps
+    inside = (
+        torch.stack(
+            [
+                cx - gt_boxes[None, :, 0],
+                cy - gt_boxes[None, :, 1],
+                gt_boxes[None, :, 2] - cx,
+                gt_boxes[None, :, 3] - cy,
+            ],
+            dim=-1,
+        )
+        .min(dim=-1)
+        .values
+        > inside_eps
+    )
     positive &= inside
 
     masked = torch.full_like(ious, -float("inf"))

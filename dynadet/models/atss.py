@@ -105,9 +105,10 @@ class ATSSHead(TowerHead):
             gt_list.append(t["boxes"][matched.clamp(min=0)] if t["boxes"].numel() else anchors)
         fg_mask = torch.stack(fg_masks)
         num_pos = reduce_mean(fg_mask.sum().to(cls.dtype)).clamp(min=1.0)
-        loss_cls = sigmoid_focal_loss(
-            cls, cls_target, self.focal_alpha, self.focal_gamma, reduction="sum"
-        ) / num_pos
+        loss_cls = (
+            sigmoid_focal_loss(cls, cls_target, self.focal_alpha, self.focal_gamma, reduction="sum")
+            / num_pos
+        )
 
         gt_fg = torch.stack(gt_list)[fg_mask]
         anchors_fg = anchors.expand(fg_mask.shape[0], -1, -1)[fg_mask]
@@ -115,9 +116,9 @@ class ATSSHead(TowerHead):
         ctr_target = centerness_target(bbox2distance(anchor_centers(anchors_fg), gt_fg))
         denom = reduce_mean(ctr_target.sum().detach()).clamp(min=1.0)
         loss_box = (giou_loss(pred_boxes, gt_fg, reduction="none") * ctr_target).sum() / denom
-        loss_ctr = F.binary_cross_entropy_with_logits(
-            ctr[fg_mask], ctr_target, reduction="sum"
-        ) / num_pos
+        loss_ctr = (
+            F.binary_cross_entropy_with_logits(ctr[fg_mask], ctr_target, reduction="sum") / num_pos
+        )
         return {
             "loss_cls": loss_cls,
             "loss_box": loss_box * self.box_loss_weight,
@@ -131,9 +132,12 @@ class ATSSHead(TowerHead):
         image_sizes: Sequence[tuple[int, int]],
     ) -> list[dict[str, Tensor]]:
         scores, boxes, factors = [], [], []
-        for cls, reg, ctr, p in zip(outputs["cls"], outputs["reg"], outputs["ctr"], priors,
-                                    strict=True):
+        for cls, reg, ctr, p in zip(
+            outputs["cls"], outputs["reg"], outputs["ctr"], priors, strict=True
+        ):
             scores.append(flatten_level(cls, self.num_classes).sigmoid())
             factors.append(flatten_level(ctr, 1).sigmoid()[..., 0])
-            boxes.append(self.box_coder.decode(flatten_level(reg, 4), p.expand(reg.shape[0], -1, -1)))
+            boxes.append(
+                self.box_coder.decode(flatten_level(reg, 4), p.expand(reg.shape[0], -1, -1))
+            )
         return self.select(scores, boxes, image_sizes, factors)

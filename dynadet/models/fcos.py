@@ -151,7 +151,11 @@ class FCOSHead(TowerHead):
         fg_masks, box_targets = [], []
         for i, t in enumerate(targets):
             matched = fcos_assign(
-                points, sizes, ranges, t["boxes"], self.center_sampling_radius,
+                points,
+                sizes,
+                ranges,
+                t["boxes"],
+                self.center_sampling_radius,
                 self.range_inclusive,
             )
             fg = matched >= 0
@@ -162,9 +166,10 @@ class FCOSHead(TowerHead):
         fg_mask = torch.stack(fg_masks)
         num_pos = reduce_mean(fg_mask.sum().to(cls.dtype)).clamp(min=1.0)
 
-        loss_cls = sigmoid_focal_loss(
-            cls, cls_target, self.focal_alpha, self.focal_gamma, reduction="sum"
-        ) / num_pos
+        loss_cls = (
+            sigmoid_focal_loss(cls, cls_target, self.focal_alpha, self.focal_gamma, reduction="sum")
+            / num_pos
+        )
 
         gt_fg = torch.stack(box_targets)[fg_mask]
         pts_fg = points.expand(fg_mask.shape[0], -1, -1)[fg_mask]
@@ -179,9 +184,9 @@ class FCOSHead(TowerHead):
             loss_box = (per_box * ctr_target).sum() / denom
         else:
             loss_box = per_box.sum() / num_pos
-        loss_ctr = F.binary_cross_entropy_with_logits(
-            ctr[fg_mask], ctr_target, reduction="sum"
-        ) / num_pos
+        loss_ctr = (
+            F.binary_cross_entropy_with_logits(ctr[fg_mask], ctr_target, reduction="sum") / num_pos
+        )
         return {
             "loss_cls": loss_cls,
             "loss_box": loss_box * self.box_loss_weight,
@@ -195,8 +200,9 @@ class FCOSHead(TowerHead):
         image_sizes: Sequence[tuple[int, int]],
     ) -> list[dict[str, Tensor]]:
         scores, boxes, factors = [], [], []
-        for cls, reg, ctr, p in zip(outputs["cls"], outputs["reg"], outputs["ctr"], priors,
-                                    strict=True):
+        for cls, reg, ctr, p in zip(
+            outputs["cls"], outputs["reg"], outputs["ctr"], priors, strict=True
+        ):
             prob = flatten_level(cls, self.num_classes).sigmoid()
             ctr_prob = flatten_level(ctr, 1).sigmoid()
             if self.scoring == "sqrt":

@@ -94,7 +94,10 @@ class Preprocessor(nn.Module):
         h, w = image.shape[-2:]
         scale = self.scale_for(h, w, min_size)
         return F.interpolate(
-            image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
+            image[None],
+            scale_factor=scale,
+            mode="bilinear",
+            recompute_scale_factor=True,
             align_corners=False,
         )[0]
 

@@ -52,7 +52,10 @@ class AnchorGenerator(nn.Module):
         self.strides = [int(s) for s in strides]
         if sizes is None:
             sizes = [
-                [octave_base_scale * s * 2 ** (i / scales_per_octave) for i in range(scales_per_octave)]
+                [
+                    octave_base_scale * s * 2 ** (i / scales_per_octave)
+                    for i in range(scales_per_octave)
+                ]
                 for s in self.strides
             ]
         if len(sizes) != len(self.strides):
@@ -138,4 +141,3 @@ def torchvision_retinanet_sizes(first: int = 32, num_levels: int = 5) -> list[li
         x = first * 2**i
         out.append([float(x), float(int(x * 2 ** (1 / 3))), float(int(x * 2 ** (2 / 3)))])
     return out
-

@@ -119,7 +119,10 @@ class RetinaNetHead(TowerHead):
             target[fg, t["labels"][matched[fg]]] = 1.0
             cls_losses.append(
                 sigmoid_focal_loss(
-                    cls[i][valid], target[valid], self.focal_alpha, self.focal_gamma,
+                    cls[i][valid],
+                    target[valid],
+                    self.focal_alpha,
+                    self.focal_gamma,
                     reduction="sum",
                 )
             )
@@ -144,5 +147,7 @@ class RetinaNetHead(TowerHead):
         scores, boxes = [], []
         for cls, reg, p in zip(outputs["cls"], outputs["reg"], priors, strict=True):
             scores.append(flatten_level(cls, self.num_classes).sigmoid())
-            boxes.append(self.box_coder.decode(flatten_level(reg, 4), p.expand(reg.shape[0], -1, -1)))
+            boxes.append(
+                self.box_coder.decode(flatten_level(reg, 4), p.expand(reg.shape[0], -1, -1))
+            )
         return self.select(scores, boxes, image_sizes)

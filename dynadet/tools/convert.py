@@ -51,8 +51,14 @@ def _rename_torchvision(key: str, arch: str) -> str | None:
         return None if key.startswith("fc.") else f"backbone.{key}"
     rules: list[tuple[str, str]] = [
         (r"^backbone\.body\.(.*)$", r"backbone.\1"),
-        (r"^backbone\.fpn\.inner_blocks\.(\d+)\.(?:0\.)?(weight|bias)$", r"neck.lateral_convs.\1.\2"),
-        (r"^backbone\.fpn\.layer_blocks\.(\d+)\.(?:0\.)?(weight|bias)$", r"neck.output_convs.\1.\2"),
+        (
+            r"^backbone\.fpn\.inner_blocks\.(\d+)\.(?:0\.)?(weight|bias)$",
+            r"neck.lateral_convs.\1.\2",
+        ),
+        (
+            r"^backbone\.fpn\.layer_blocks\.(\d+)\.(?:0\.)?(weight|bias)$",
+            r"neck.output_convs.\1.\2",
+        ),
         (r"^backbone\.fpn\.extra_blocks\.(p6|p7)\.(weight|bias)$", r"neck.\1.\2"),
         (r"^head\.classification_head\.cls_logits\.(.*)$", r"head.cls_logits.\1"),
         (r"^head\.regression_head\.bbox_reg\.(.*)$", r"head.bbox_pred.\1"),
@@ -134,7 +140,7 @@ def convert_torchvision_file(src: str | Path, dst: str | Path, arch: str) -> Pat
         from dynadet.models.resnet import ResNet
 
         backbone = ResNet(depth=50, style="pytorch", norm="bn")
-        tail = {k[len("backbone."):]: v for k, v in converted.items()}
+        tail = {k[len("backbone.") :]: v for k, v in converted.items()}
         check_against_model(tail, _without_bn_counters(backbone), str(src))
         cfg = {"backbone": {"type": "ResNet", "depth": 50, "style": "pytorch"}}
         return save_checkpoint(dst, converted, cfg, [], {"source": f"torchvision:{arch}"})
@@ -142,7 +148,10 @@ def convert_torchvision_file(src: str | Path, dst: str | Path, arch: str) -> Pat
     model = build_model(cfg)
     check_against_model(converted, model, str(src))
     return save_checkpoint(
-        dst, converted, cfg, list(COCO_CLASSES),
+        dst,
+        converted,
+        cfg,
+        list(COCO_CLASSES),
         {"source": f"torchvision:{arch}", "category_ids": list(COCO_IDS)},
     )
 
