@@ -1,0 +1,466 @@
+"""Generate the torchvision parity fixtures ``tests/fixtures/torchvision_<arch>.pt``.
+
+Runs ONLY in the peer env (full PyPI torch 2.13 + torchvision 0.28 with compiled CPU ops), from the
+repository root:
+
+    $(bash ../shared/tools/peer-env.sh)/bin/python tools/make_torchvision_fixtures.py [ARCH ...]
+
+For each arch it checks that ``tests/torchvision_spec.py`` describes torchvision's real state-dict
+layout (keys, shapes, parameters vs buffers, legacy names, published parameter counts), loads the
+seeded weights, runs the model in eval mode on the seeded images (one batch) and saves torchvision's
+detections plus small intermediates, all as plain tensors / ints / floats / strs (loadable with
+``torch.load(weights_only=True)``). It also reports how well conditioned the outputs are: counts,
+score range, ties, float64 agreement and whether small threshold changes alter the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models import resnet50
+from torchvision.models._meta import _COCO_CATEGORIES
+from torchvision.models.detection import (
+    FCOS,
+    FCOS_ResNet50_FPN_Weights,
+    RetinaNet,
+    RetinaNet_ResNet50_FPN_V2_Weights,
+    RetinaNet_ResNet50_FPN_Weights,
+    fcos_resnet50_fpn,
+    retinanet_resnet50_fpn,
+    retinanet_resnet50_fpn_v2,
+)
+from torchvision.models.detection._utils import overwrite_eps
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops import boxes as box_ops
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import torchvision_spec as spec  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures"
+BUILDERS = {
+    "fcos_resnet50_fpn": (fcos_resnet50_fpn, FCOS_ResNet50_FPN_Weights.COCO_V1),
+    "retinanet_resnet50_fpn": (retinanet_resnet50_fpn, RetinaNet_ResNet50_FPN_Weights.COCO_V1),
+    "retinanet_resnet50_fpn_v2": (
+        retinanet_resnet50_fpn_v2,
+        RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1,
+    ),
+}
+LEVELS = ("0", "1", "2", "p6", "p7")  # torchvision's FPN output names for P3..P7
+ANCHORS_PER_LEVEL_SAMPLED = 8
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout checks
+# ------------------------------------------------------------------------------------------------
+
+
+def build(arch: str, frozen_bn: bool, **kwargs) -> nn.Module:
+    """torchvision model for arch with random init; frozen_bn mirrors the COCO-weights build."""
+    if arch == "resnet50":
+        return resnet50(weights=None)
+    if not frozen_bn:
+        return BUILDERS[arch][0](weights=None, weights_backbone=None, **kwargs)
+    # What fcos_resnet50_fpn / retinanet_resnet50_fpn build when weights are given (is_trained):
+    # FrozenBatchNorm2d backbone, 3 trainable layers, P6/P7 from P5.
+    body = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    backbone = _resnet_fpn_extractor(
+        body, 3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256)
+    )
+    cls = FCOS if arch == "fcos_resnet50_fpn" else RetinaNet
+    return cls(backbone, spec.NUM_CLASSES_91, **kwargs)
+
+
+def check_layout(arch: str, frozen_bn: bool) -> int:
+    model = build(arch, frozen_bn)
+    expected = spec.torchvision_state_dict_spec(arch, frozen_bn)
+    actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert list(actual.items()) == list(expected.items()), _diff(actual, expected)
+    for key, value in model.state_dict().items():
+        want = torch.int64 if key.endswith("num_batches_tracked") else torch.float32
+        assert value.dtype == want, (key, value.dtype)
+    buffers = spec.torchvision_buffer_keys(arch, frozen_bn)
+    params = [k for k, _ in model.named_parameters()]
+    assert params == [k for k in expected if k not in buffers], f"{arch}: parameter keys differ"
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == spec.torchvision_num_params(arch, frozen_bn), (n_params, arch)
+    seeded = spec.seeded_state_dict(arch, frozen_bn=frozen_bn)
+    model.load_state_dict(seeded, strict=True)
+    if arch != "resnet50" and arch != "retinanet_resnet50_fpn_v2":
+        # Pre-0.13 names load through torchvision's own upgrade path to the same values.
+        legacy = spec.seeded_state_dict(arch, frozen_bn=frozen_bn, legacy_names=True)
+        assert list(legacy) != list(seeded)
+        fresh = build(arch, frozen_bn)
+        fresh.load_state_dict(legacy, strict=True)
+        for key, value in fresh.state_dict().items():
+            assert torch.equal(value, seeded[key]), key
+    return len(expected)
+
+
+def _diff(actual: dict, expected: dict) -> str:
+    missing = [k for k in expected if k not in actual][:5]
+    extra = [k for k in actual if k not in expected][:5]
+    bad = [(k, actual[k], expected[k]) for k in actual if expected.get(k, actual[k]) != actual[k]]
+    return f"missing {missing} extra {extra} shape mismatches {bad[:5]}"
+
+
+def check_published(arch: str) -> None:
+    assert list(spec.COCO_91_CLASS_NAMES) == list(_COCO_CATEGORIES)
+    if arch == "resnet50":
+        from torchvision.models import ResNet50_Weights
+
+        assert ResNet50_Weights.IMAGENET1K_V1.meta["num_params"] == spec.torchvision_num_params(
+            arch
+        )
+        return
+    meta = BUILDERS[arch][1].meta
+    assert meta["num_params"] == spec.torchvision_num_params(arch), (arch, meta["num_params"])
+    assert list(meta["categories"]) == list(spec.COCO_91_CLASS_NAMES)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures
+# ------------------------------------------------------------------------------------------------
+
+
+def fingerprint(state_dict: dict[str, Tensor]) -> dict:
+    """Per-key float64 sums and sums of squares, to check CI regenerates identical weights."""
+    keys = list(state_dict)
+    values = [state_dict[k].double() for k in keys]
+    return {
+        "keys": keys,
+        "sum": torch.stack([v.sum() for v in values]),
+        "sum_sq": torch.stack([v.square().sum() for v in values]),
+    }
+
+
+def make_resnet50(case: dict) -> dict:
+    model = build("resnet50", False)
+    weights = spec.seeded_state_dict("resnet50", case["seed"])
+    model.load_state_dict(weights, strict=True)
+    model.eval()
+    x = spec.seeded_image(case["input_seed"], *case["input_size"])[None]
+    outs: dict[str, Tensor] = {}
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        getattr(model, name).register_forward_hook(
+            lambda _m, _i, out, name=name: outs.__setitem__(name, out.detach())
+        )
+    with torch.no_grad():
+        logits = model(x)
+    fixture = {
+        "arch": "resnet50",
+        "seed": case["seed"],
+        "input_seed": case["input_seed"],
+        "input": x,
+        "layers": {
+            name: {
+                "shape": torch.tensor(out.shape),
+                "mean": out.mean((2, 3))[0],
+                "sample": out[0, :8, ::2, ::2].flatten(),
+            }
+            for name, out in outs.items()
+        },
+        "logits": logits,
+    }
+    rms = {n: round(float(o.square().mean().sqrt()), 3) for n, o in outs.items()}
+    print(
+        f"resnet50: logits std {logits.std():.3f} range [{logits.min():.3f}, {logits.max():.3f}],"
+        f" distinct {logits.unique().numel()}/1000; layer rms {rms}"
+    )
+    return fixture
+
+
+def make_model(arch: str, case: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
+    model = build(arch, case["frozen_bn"], **case["model_kwargs"])
+    model.load_state_dict(spec.seeded_state_dict(arch, case["seed"]), strict=True)
+    if case["frozen_bn_eps"] is not None:
+        overwrite_eps(model, case["frozen_bn_eps"])
+    return model.eval().to(dtype)
+
+
+def run_parts(model: nn.Module, images: list[Tensor]) -> dict:
+    """The model's forward, step by step, keeping the intermediates."""
+    image_list, _ = model.transform(images)
+    body = model.backbone.body(image_list.tensors)
+    fpn = model.backbone.fpn(body)
+    features = list(fpn.values())
+    head = model.head(features)
+    anchors = model.anchor_generator(image_list, features)
+    per_level = [f.shape[2] * f.shape[3] for f in features]
+    if isinstance(model, RetinaNet):
+        per_level = [n * model.anchor_generator.num_anchors_per_location()[0] for n in per_level]
+    return {
+        "image_list": image_list,
+        "body": body,
+        "fpn": fpn,
+        "head": head,
+        "anchors": anchors,
+        "per_level": per_level,
+    }
+
+
+def postprocess(model: nn.Module, parts: dict, images: list[Tensor], **overrides) -> list[dict]:
+    """torchvision's postprocess_detections, also recording each detection's level and anchor.
+
+    Uses the model's own box coder and batched_nms, so (with no overrides) the result must equal
+    the model's forward output exactly.
+    """
+    thr = overrides.get("score_thresh", model.score_thresh)
+    nms = overrides.get("nms_thresh", model.nms_thresh)
+    cap = overrides.get("detections_per_img", model.detections_per_img)
+    head, per_level = parts["head"], parts["per_level"]
+    image_sizes = parts["image_list"].image_sizes
+    fcos = isinstance(model, FCOS)
+    results = []
+    for i, size in enumerate(image_sizes):
+        cls = head["cls_logits"][i].split(per_level)
+        reg = head["bbox_regression"][i].split(per_level)
+        ctr = head["bbox_ctrness"][i].split(per_level) if fcos else [None] * len(per_level)
+        anchors = parts["anchors"][i].split(per_level)
+        boxes, scores, labels, levels, anchor_idx, counts = [], [], [], [], [], []
+        offset = 0
+        for lvl, (c, r, t, a) in enumerate(zip(cls, reg, ctr, anchors, strict=True)):
+            num_classes = c.shape[-1]
+            s = (torch.sigmoid(c) * torch.sigmoid(t)).sqrt() if fcos else torch.sigmoid(c)
+            s = s.flatten()
+            keep = s > thr
+            counts.append(int(keep.sum()))
+            s, idx = s[keep], torch.where(keep)[0]
+            s, order = s.topk(min(model.topk_candidates, idx.numel()))
+            idx = idx[order]
+            a_idx = torch.div(idx, num_classes, rounding_mode="floor")
+            if fcos:
+                b = model.box_coder.decode(r[a_idx], a[a_idx])
+            else:
+                b = model.box_coder.decode_single(r[a_idx], a[a_idx])
+            boxes.append(box_ops.clip_boxes_to_image(b, size))
+            scores.append(s)
+            labels.append(idx % num_classes)
+            levels.append(torch.full_like(idx, lvl))
+            anchor_idx.append(a_idx + offset)
+            offset += a.shape[0]
+        b, s, lab = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+        keep = box_ops.batched_nms(b, s, lab, nms)[:cap]
+        det = {"boxes": b[keep], "scores": s[keep], "labels": lab[keep]}
+        det = model.transform.postprocess([det], [size], [tuple(images[i].shape[-2:])])[0]
+        det["level"] = torch.cat(levels)[keep]
+        det["anchor_index"] = torch.cat(anchor_idx)[keep]
+        det["candidates_per_level"] = torch.tensor(counts)
+        results.append(det)
+    return results
+
+
+def sampled_anchor_indices(per_level: list[int]) -> Tensor:
+    idx, start = [], 0
+    for n in per_level:
+        idx.append(start + torch.linspace(0, n - 1, ANCHORS_PER_LEVEL_SAMPLED).round().long())
+        start += n
+    return torch.cat(idx)
+
+
+def _absmax(a: Tensor, b: Tensor) -> float:
+    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+
+
+def same_detections(a: list[dict], b: list[dict], box_tol: float, score_tol: float) -> bool:
+    """Equal detection sets up to tolerances, in any order (near-equal scores may swap)."""
+    for x, y in zip(a, b, strict=True):
+        if x["scores"].shape != y["scores"].shape:
+            return False
+        match = _match(x, y)
+        if match is None:
+            return False
+        if _absmax(x["boxes"], y["boxes"][match]) > box_tol:
+            return False
+        if _absmax(x["scores"], y["scores"][match]) > score_tol:
+            return False
+    return True
+
+
+def _match(x: dict, y: dict) -> Tensor | None:
+    """For each detection of x, the index of the same-label detection of y with the closest box."""
+    if len(x["scores"]) == 0:
+        return torch.zeros(0, dtype=torch.long)
+    dist = (x["boxes"].double()[:, None] - y["boxes"].double()[None]).abs().amax(-1)
+    dist[x["labels"][:, None] != y["labels"][None]] = math.inf
+    match = dist.argmin(1)
+    if match.unique().numel() != match.numel() or not dist.min(1).values.isfinite().all():
+        return None
+    return match
+
+
+def min_score_gap(det: dict) -> float:
+    scores = det["scores"].double().sort().values
+    return float(scores.diff().min()) if scores.numel() > 1 else math.inf
+
+
+def _max_diff(a: dict, b: dict, key: str) -> float:
+    match = _match(a, b) if a["scores"].shape == b["scores"].shape else None
+    return math.inf if match is None else _absmax(a[key], b[key][match])
+
+
+def conditioning(model: nn.Module, arch: str, case: dict, images, parts, dets) -> dict:
+    report: dict = {}
+    counts = [len(d["scores"]) for d in dets]
+    report["num_detections"] = counts
+    report["score_min"] = min(float(d["scores"].min()) for d in dets)
+    report["score_max"] = max(float(d["scores"].max()) for d in dets)
+    report["distinct_labels"] = [int(d["labels"].unique().numel()) for d in dets]
+    report["detections_per_level"] = [
+        torch.bincount(d["level"], minlength=5).tolist() for d in dets
+    ]
+    report["candidates_per_level"] = [d["candidates_per_level"].tolist() for d in dets]
+    report["no_tied_scores"] = all(d["scores"].unique().numel() == len(d["scores"]) for d in dets)
+    report["min_score_gap"] = min(min_score_gap(d) for d in dets)
+    report["below_cap"] = all(n < model.detections_per_img for n in counts)
+    report["topk_not_binding"] = all(
+        max(d["candidates_per_level"].tolist()) < model.topk_candidates for d in dets
+    )
+    # Decisions that a ~1e-5 change in scores / IoU threshold would flip.
+    stable = {}
+    for name, delta in (("score_thresh", 1e-5), ("nms_thresh", 1e-4)):
+        base = getattr(model, name)
+        shifted = [
+            postprocess(model, parts, images, **{name: base + sign * delta}) for sign in (-1, 1)
+        ]
+        stable[f"{name}+-{delta:g}"] = all(same_detections(d, dets, 0.0, 0.0) for d in shifted)
+    report["stable_to_threshold_shifts"] = stable
+    # The same network in float64: do float32 rounding errors change any detection?
+    model64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        dets64 = model64([im.double() for im in images])
+    report["float64_same_detections"] = same_detections(dets, dets64, 1e-3, 1e-4)
+    pairs = list(zip(dets, dets64, strict=True))
+    report["float64_max_box_diff"] = max(_max_diff(a, b, "boxes") for a, b in pairs)
+    report["float64_max_score_diff"] = max(_max_diff(a, b, "scores") for a, b in pairs)
+    report["well_conditioned"] = (
+        min(counts) > 30
+        and report["no_tied_scores"]
+        and report["score_max"] < 0.999
+        and report["below_cap"]
+        and report["topk_not_binding"]
+        and all(stable.values())
+        and report["float64_same_detections"]
+    )
+    return report
+
+
+def make_detector(arch: str, case: dict) -> dict:
+    model = make_model(arch, case)
+    images = [spec.seeded_image(s, h, w) for s, h, w in case["images"]]
+    with torch.no_grad():
+        reference = model(images)
+        parts = run_parts(model, images)
+        dets = postprocess(model, parts, images)
+    for ref, det in zip(reference, dets, strict=True):
+        for k in ("boxes", "scores", "labels"):
+            assert torch.equal(ref[k], det[k]), f"{arch}: replicated postprocess differs in {k}"
+    idx = sampled_anchor_indices(parts["per_level"])
+    head = parts["head"]
+    image_list = parts["image_list"]
+    fixture = {
+        "arch": arch,
+        "seed": case["seed"],
+        "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
+        "frozen_bn": case["frozen_bn"],
+        "frozen_bn_eps": case["frozen_bn_eps"],
+        "model_kwargs": dict(case["model_kwargs"]),
+        "postprocess": {
+            "score_thresh": float(model.score_thresh),
+            "nms_thresh": float(model.nms_thresh),
+            "detections_per_img": int(model.detections_per_img),
+            "topk_candidates": int(model.topk_candidates),
+        },
+        "image_seeds": torch.tensor([s for s, _, _ in case["images"]]),
+        "image_sizes": torch.tensor([[h, w] for _, h, w in case["images"]]),
+        "image_samples": [im[:, ::16, ::16].clone() for im in images],
+        "image_sums": torch.stack([im.double().sum() for im in images]),
+        "batch_shape": torch.tensor(image_list.tensors.shape),
+        "resized_sizes": torch.tensor(image_list.image_sizes),
+        "batch_sample": image_list.tensors[:, :, ::16, ::16].clone(),
+        "body": {
+            name: {
+                "shape": torch.tensor(f.shape),
+                "mean": f.mean((2, 3)),
+                "sample": f[:, :8, ::5, ::5].clone(),
+            }
+            for name, f in zip(("C3", "C4", "C5"), parts["body"].values(), strict=True)
+        },
+        "fpn": {
+            name: {
+                "shape": torch.tensor(f.shape),
+                "mean": f.mean((2, 3)),
+                "sample": f[:, :8, ::7, ::7].clone(),
+            }
+            for name, f in zip(("P3", "P4", "P5", "P6", "P7"), parts["fpn"].values(), strict=True)
+        },
+        "head": {
+            "num_anchors_per_level": torch.tensor(parts["per_level"]),
+            "anchor_index": idx,
+            "anchors": torch.stack([a[idx] for a in parts["anchors"]]),
+            "cls_logits": head["cls_logits"][:, idx].clone(),
+            "bbox_regression": head["bbox_regression"][:, idx].clone(),
+        },
+        "detections": [
+            {k: d[k] for k in ("boxes", "scores", "labels", "level", "anchor_index")}
+            for d in dets
+        ],
+        "state_dict_fingerprint": fingerprint(spec.seeded_state_dict(arch, case["seed"])),
+    }
+    if "bbox_ctrness" in head:
+        fixture["head"]["bbox_ctrness"] = head["bbox_ctrness"][:, idx].clone()
+    # Each detection's own head outputs (its class logit, its box deltas / distances, its
+    # centerness), for debugging a mismatch in a single box.
+    for i, d in enumerate(dets):
+        own = fixture["detections"][i]
+        own["cls_logit"] = head["cls_logits"][i, d["anchor_index"], d["labels"]].clone()
+        own["bbox_regression"] = head["bbox_regression"][i, d["anchor_index"]].clone()
+        if "bbox_ctrness" in head:
+            own["bbox_ctrness"] = head["bbox_ctrness"][i, d["anchor_index"], 0].clone()
+    with torch.no_grad():
+        report = conditioning(model, arch, case, images, parts, dets)
+    fixture["conditioning"] = report
+    print(f"{arch}:")
+    for key, value in report.items():
+        print(f"  {key}: {value}")
+    return fixture
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("archs", nargs="*", default=list(spec.ARCHS))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}")
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+    for arch in args.archs:
+        start = time.perf_counter()
+        frozen_too = arch in ("fcos_resnet50_fpn", "retinanet_resnet50_fpn")
+        layouts = [False, True] if frozen_too else [False]
+        counts = {f"frozen_bn={f}": check_layout(arch, f) for f in layouts}
+        check_published(arch)
+        print(f"{arch}: layout OK, keys {counts}, params {spec.torchvision_num_params(arch)}")
+        case = spec.FIXTURE_CASES[arch]
+        with torch.no_grad():
+            fixture = make_resnet50(case) if arch == "resnet50" else make_detector(arch, case)
+        path = FIXTURES / case["file"]
+        torch.save(fixture, path)
+        torch.load(path, weights_only=True)
+        took = time.perf_counter() - start
+        size_kb = path.stat().st_size / 1024
+        print(f"{arch}: wrote {path.relative_to(ROOT)} ({size_kb:.0f} KB), {took:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
