@@ -1,16 +1,34 @@
 """Generate the torchvision parity fixtures ``tests/fixtures/torchvision_<arch>.pt``.
 
 Runs ONLY in the peer env (full PyPI torch 2.13 + torchvision 0.28 with compiled CPU ops), from the
-repository root:
+repository root (about a minute on 2 CPU cores):
 
     $(bash ../shared/tools/peer-env.sh)/bin/python tools/make_torchvision_fixtures.py [ARCH ...]
 
 For each arch it checks that ``tests/torchvision_spec.py`` describes torchvision's real state-dict
-layout (keys, shapes, parameters vs buffers, legacy names, published parameter counts), loads the
-seeded weights, runs the model in eval mode on the seeded images (one batch) and saves torchvision's
-detections plus small intermediates, all as plain tensors / ints / floats / strs (loadable with
-``torch.load(weights_only=True)``). It also reports how well conditioned the outputs are: counts,
-score range, ties, float64 agreement and whether small threshold changes alter the result.
+layout (keys, shapes, dtypes, parameters vs buffers, legacy names, published parameter counts and
+category names), loads the seeded weights, runs the model in eval mode on the seeded images (one
+batch) and saves torchvision's detections plus small intermediates, all plain tensors / ints /
+floats / strs / None (``torch.load(weights_only=True)``). It also reports how well conditioned the
+outputs are (counts, score range and gaps, caps, threshold margins, float64 agreement, eps
+sensitivity) and stores that report under "conditioning".
+
+Detector fixture (N = 2 images, batch padded to 320x512; levels P3..P7 = 0..4):
+  arch, seed, versions, frozen_bn, frozen_bn_eps (None: plain BatchNorm2d), model_kwargs,
+  postprocess {score_thresh, nms_thresh, detections_per_img, topk_candidates},
+  image_seeds [N], image_sizes [N,2] (h, w), image_samples [3,h/16,w/16] x N, image_sums [N] f64,
+  batch_shape [4], resized_sizes [N,2], batch_sample = normalised padded batch[:, :, ::16, ::16],
+  body {C3,C4,C5: shape, mean [N,C] (spatial mean), sample = f[:, :8, ::5, ::5]},
+  fpn {P3..P7: shape, mean [N,256], sample = f[:, :8, ::7, ::7]},
+  head {num_anchors_per_level [5], anchor_index [40] (8 evenly spaced per level, index into the
+        concatenated H*W*A axis), anchors [N,40,4], cls_logits [N,40,91], bbox_regression
+        [N,40,4], bbox_ctrness [N,40,1] (FCOS)},
+  detections [N] x {boxes [K,4] (original image coords), scores [K], labels [K] (COCO ids),
+        level [K], anchor_index [K], cls_logit [K] (logit of its label), bbox_regression [K,4],
+        bbox_ctrness [K] (FCOS)},
+  state_dict_fingerprint {keys, sum [S] f64, sum_sq [S] f64}, conditioning {...}.
+Near-equal scores (gaps down to ~1e-7) exist: compare detections order-independently.
+resnet50 fixture: input [1,3,64,96], layers {layer1..4: shape, mean [C], sample}, logits [1,1000].
 """
 
 from __future__ import annotations
@@ -343,6 +361,14 @@ def conditioning(model: nn.Module, arch: str, case: dict, images, parts, dets) -
     pairs = list(zip(dets, dets64, strict=True))
     report["float64_max_box_diff"] = max(_max_diff(a, b, "boxes") for a, b in pairs)
     report["float64_max_score_diff"] = max(_max_diff(a, b, "scores") for a, b in pairs)
+    # Would a model that gets the norm eps wrong (0 <-> 1e-5) fail the parity tolerances?
+    wrong_eps = copy.deepcopy(model)
+    for module in wrong_eps.modules():
+        if isinstance(module, (FrozenBatchNorm2d, nn.BatchNorm2d)):
+            module.eps = 1e-5 if module.eps == 0.0 else 0.0
+    with torch.no_grad():
+        dets_eps = wrong_eps(images)
+    report["wrong_eps_detected"] = not same_detections(dets, dets_eps, 1e-3, 1e-4)
     report["well_conditioned"] = (
         min(counts) > 30
         and report["no_tied_scores"]
