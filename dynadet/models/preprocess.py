@@ -42,8 +42,9 @@ class Preprocessor(nn.Module):
     most ``max_size`` (``scale = min(min_size/short, max_size/long)``, output size
     ``floor(side·scale)``), zero padding to a multiple of ``size_divisor``.
 
-    During training ``min_size`` may be a list (a random choice per image, multi-scale training)
-    and images may be flipped horizontally with probability ``flip_prob``.
+    During training ``min_size`` may be a list (a random choice per image, multi-scale training).
+    Augmentations that change content (flips, colour jitter) belong to the data pipeline
+    (:mod:`dynadet.data.transforms`), so inference needs nothing but this module.
 
     Shapes:
         ``forward(images: list[Tensor[3, H_i, W_i]], targets=None)`` → :class:`ImageBatch`.
@@ -60,7 +61,6 @@ class Preprocessor(nn.Module):
         max_size: int | None = 1333,
         test_min_size: int | None = None,
         size_divisor: int = 32,
-        flip_prob: float = 0.0,
     ) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
@@ -71,7 +71,6 @@ class Preprocessor(nn.Module):
         self.max_size = max_size
         self.test_min_size = test_min_size if test_min_size is not None else self.min_sizes[-1]
         self.size_divisor = size_divisor
-        self.flip_prob = flip_prob
 
     def normalize(self, image: Tensor) -> Tensor:
         if image.dim() != 3 or image.shape[0] != 3:
@@ -127,19 +126,11 @@ class Preprocessor(nn.Module):
                 min_size = self.min_sizes[-1] if self.training else self.test_min_size
             x = self.resize(x, min_size)
             h, w = int(x.shape[-2]), int(x.shape[-1])
-            flip = self.training and self.flip_prob > 0 and torch.rand(()).item() < self.flip_prob
-            if flip:
-                x = x.flip(-1)
             if targets is not None:
                 t = dict(targets[i])
                 boxes = t["boxes"].to(x.device, torch.float32)
                 ratio = boxes.new_tensor([w / w0, h / h0, w / w0, h / h0])
-                boxes = boxes * ratio
-                if flip:
-                    boxes = torch.stack(
-                        [w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1
-                    )
-                t["boxes"] = boxes
+                t["boxes"] = boxes * ratio
                 t["labels"] = t["labels"].to(x.device, torch.long)
                 new_targets.append(t)
             resized.append(x)

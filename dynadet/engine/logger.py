@@ -1,0 +1,103 @@
+"""Run logging: JSON-lines metrics, optional TensorBoard, PNG plots of losses and AP."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    """Appends one JSON object per record to ``run/metrics.jsonl`` (and TensorBoard if present).
+
+    Records have a ``type`` (``"train"`` or ``"eval"``) and an ``iter``.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except Exception:  # tensorboard is optional
+                self.writer = None
+
+    def log(self, kind: str, iteration: int, values: Mapping[str, float]) -> None:
+        record = {"type": kind, "iter": iteration, **{k: float(v) for k, v in values.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{kind}/{k}", float(v), iteration)
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drop records past ``iteration`` (a resumed run rewrites them)."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["iter"] <= iteration]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """Write ``plots/loss.png`` (every loss term) and ``plots/ap.png`` (AP over evaluations)."""
+    records = read_metrics(Path(run_dir) / "metrics.jsonl")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pycocotools brings matplotlib; without it there are no plots
+        return []
+    out_dir = Path(run_dir) / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    train = [r for r in records if r["type"] == "train"]
+    if train:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        keys = sorted({k for r in train for k in r if k.startswith("loss")})
+        for k in keys:
+            pts = [(r["iter"], r[k]) for r in train if k in r and math.isfinite(r[k])]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), label=k)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "loss.png", dpi=100)
+        plt.close(fig)
+        written.append(out_dir / "loss.png")
+    evals = [r for r in records if r["type"] == "eval" and "AP" in r]
+    if evals:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for k in ("AP", "AP50", "AP75"):
+            ax.plot([r["iter"] for r in evals], [r.get(k, float("nan")) for r in evals],
+                    marker="o", label=k)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("COCO AP (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "ap.png", dpi=100)
+        plt.close(fig)
+        written.append(out_dir / "ap.png")
+    return written

@@ -1,0 +1,328 @@
+"""The iteration-based training loop (single process or DDP under torchrun)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dynadet.api import build_model
+from dynadet.config import save_config
+from dynadet.data.categories import resolve_class_names
+from dynadet.engine import distributed as dist_utils
+from dynadet.engine.logger import MetricsLogger, plot_run
+from dynadet.engine.optim import ModelEMA, build_optimizer, build_scheduler
+from dynadet.engine.state import (
+    last_checkpoint,
+    load_training_state,
+    rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+)
+
+log = logging.getLogger("dynadet")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_datasets(cfg: dict[str, Any], train: bool = True):
+    """The train (or val) data set of the ``data`` config section."""
+    from dynadet.data.coco import CocoDetection
+    from dynadet.data.transforms import build_transforms
+
+    data = cfg.get("data") or {}
+    split = data.get("train" if train else "val")
+    if not split:
+        raise ValueError(f"config has no data.{'train' if train else 'val'} section "
+                         "(ann_file and image_dir)")
+    return CocoDetection(
+        split["ann_file"],
+        split["image_dir"],
+        transforms=build_transforms(data.get("augment"), train=train),
+        filter_empty=bool(data.get("filter_empty", True)) if train else False,
+        skip_bad_images=bool(data.get("skip_bad_images", False)),
+    )
+
+
+class Trainer:
+    """Trains the ``model`` of a resolved config on its ``data`` with its ``train`` section.
+
+    Args:
+        cfg: resolved config (``model``, ``data``, ``train``, optional ``classes``).
+        run_dir: output folder (config, checkpoints, metrics, plots, evaluations).
+        resume: continue from ``run_dir/checkpoints/last`` if present.
+        device: ``"cpu"``, ``"cuda"``; default CUDA when available.
+    """
+
+    def __init__(self, cfg: dict[str, Any], run_dir: str | Path, resume: bool = False,
+                 device: str | None = None) -> None:
+        self.cfg = cfg
+        self.tcfg: dict[str, Any] = dict(cfg.get("train") or {})
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.distributed = dist_utils.init_distributed()
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and self.distributed:
+            device = f"cuda:{torch.cuda.current_device()}"
+        self.device = torch.device(device)
+        self.main = dist_utils.is_main_process()
+
+    # ---------------------------------------------------------------- setup
+    def _check_output_dir(self) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".write_test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise OSError(f"cannot write to the run folder {self.run_dir}: {e}") from e
+
+    def setup(self) -> None:
+        t = self.tcfg
+        seed = int(t.get("seed", 0))
+        seed_everything(seed + dist_utils.get_rank())
+        if self.main:
+            self._check_output_dir()
+        self.model: nn.Module = build_model(self.cfg).to(self.device)
+        self.class_names = resolve_class_names(self.cfg.get("classes"),
+                                               self.model.num_classes)
+        self.max_iters = int(t.get("max_iters", 1000))
+        self.accumulate = int(t.get("accumulate", 1))
+        self.optimizer = build_optimizer(self.model, t)
+        self.scheduler = build_scheduler(self.optimizer, t, self.max_iters)
+        self.ema = ModelEMA(self.model, float(t["ema"])) if t.get("ema") else None
+        self.amp = bool(t.get("amp", False)) and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.start_iter = 0
+        if self.resume:
+            self._load_last()
+        self.ddp_model = self.model
+        if self.distributed:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(t.get("find_unused_parameters", False)),
+            )
+        world = dist_utils.get_world_size()
+        total = int(t.get("batch_size", 2))
+        if total % (world * self.accumulate):
+            raise ValueError(f"train.batch_size={total} is not divisible by world size {world} "
+                             f"× accumulate {self.accumulate}")
+        self.batch_per_step = total // (world * self.accumulate)
+        from dynadet.data.loader import build_train_loader
+
+        self.dataset = build_datasets(self.cfg, train=True)
+        data = self.cfg.get("data") or {}
+        self.loader = build_train_loader(
+            self.dataset, self.batch_per_step, num_workers=int(data.get("num_workers", 0)),
+            seed=seed, aspect_grouping=bool(data.get("aspect_grouping", True)),
+            start_iter=self.start_iter * self.accumulate,
+        )
+        if self.main:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        self.logger = MetricsLogger(self.run_dir, tensorboard=bool(t.get("tensorboard", True))) \
+            if self.main else None
+        if self.logger is not None and self.start_iter:
+            self.logger.truncate_after(self.start_iter)
+
+    def _load_last(self) -> None:
+        path = last_checkpoint(self.run_dir)
+        if path is None:
+            log.info("resume: no checkpoint in %s, starting from scratch", self.run_dir)
+            return
+        from dynadet.engine.checkpoint import load_checkpoint
+
+        weights, _, _, _ = load_checkpoint(path)
+        self.model.load_state_dict(weights, strict=True)
+        state = load_training_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.start_iter = int(state["iteration"])
+        if self.main:
+            print(f"resumed from {path} at iteration {self.start_iter}")
+
+    # ---------------------------------------------------------------- saving
+    def save(self, iteration: int) -> Path | None:
+        if not self.main:
+            return None
+        state = {
+            "iteration": iteration,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        weights = self.ema.state if self.ema is not None and self.tcfg.get("save_ema") \
+            else self.model.state_dict()
+        path = save_training_checkpoint(self.run_dir, iteration, weights, self.cfg,
+                                        self.class_names, state,
+                                        keep=int(self.tcfg.get("keep_checkpoints", 3)))
+        self.last_saved = path
+        return path
+
+    # ---------------------------------------------------------------- loop
+    def step(self, batch_iter) -> dict[str, float]:
+        """One optimizer step over ``accumulate`` micro-batches; returns logged values."""
+        self.ddp_model.train()
+        totals: dict[str, float] = {}
+        for micro in range(self.accumulate):
+            images, targets = next(batch_iter)
+            images = [im.to(self.device, non_blocking=True) for im in images]
+            targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()}
+                       for t in targets]
+            sync = nullcontext()
+            if self.distributed and micro < self.accumulate - 1:
+                sync = self.ddp_model.no_sync()
+            with sync, torch.autocast(self.device.type, enabled=self.amp):
+                out = self.ddp_model(images, targets)
+                loss = sum(v for k, v in out.items() if k.startswith("loss"))
+                self.scaler.scale(loss / self.accumulate).backward()
+            for k, v in dist_utils.reduce_dict({k: v.detach().float() for k, v in out.items()}
+                                               ).items():
+                totals[k] = totals.get(k, 0.0) + float(v) / self.accumulate
+        totals["loss"] = sum(v for k, v in totals.items() if k.startswith("loss"))
+        if not math.isfinite(totals["loss"]):
+            return totals
+        clip = self.tcfg.get("grad_clip")
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            totals["grad_norm"] = float(nn.utils.clip_grad_norm_(params, float(clip)))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return totals
+
+    def run(self) -> dict[str, Any]:
+        self.setup()
+        t = self.tcfg
+        ckpt_period = int(t.get("checkpoint_period", 0)) or self.max_iters
+        self.eval_period = int(t.get("eval_period", 0))
+        if t.get("num_evals"):
+            self.eval_period = max(1, self.max_iters // int(t["num_evals"]))
+        log_period = max(1, int(t.get("log_period", 20)))
+        self.last_saved: Path | None = None
+        bar = tqdm(total=self.max_iters, initial=self.start_iter, disable=not self.main,
+                   dynamic_ncols=True, desc="train")
+        batch_iter = iter(self.loader)
+        result: dict[str, Any] = {"run_dir": str(self.run_dir)}
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        budget = t.get("time_budget_s")
+        calibration = 20
+        it = self.start_iter
+        while it < self.max_iters:
+            values = self.step(batch_iter)
+            if not math.isfinite(values["loss"]):
+                where = self.last_saved or last_checkpoint(self.run_dir)
+                raise TrainingDiverged(
+                    f"loss is {values['loss']} at iteration {it + 1} "
+                    f"({', '.join(f'{k}={v:.4g}' for k, v in values.items())}); last good "
+                    f"checkpoint: {where if where else 'none saved yet'}"
+                )
+            values["lr"] = self.optimizer.param_groups[0]["lr"] / \
+                self.optimizer.param_groups[0].get("lr_factor", 1.0)
+            done = it + 1
+            bar.update(1)
+            if budget and done == self.start_iter + calibration:
+                self._fit_budget(done, float(budget), time.perf_counter() - start, bar)
+                ckpt_period = min(ckpt_period, self.max_iters)
+            if self.main and (done % log_period == 0 or done == self.max_iters or done == 1):
+                bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()
+                                 if k.startswith("loss")} | {"lr": f"{values['lr']:.2e}"})
+                self.logger.log("train", done, values)
+            if done % ckpt_period == 0 or done == self.max_iters:
+                self.save(done)
+            if self.eval_period and (done % self.eval_period == 0 or done == self.max_iters):
+                metrics = self.evaluate(done)
+                if metrics is not None:
+                    result["metrics"] = metrics
+            if done % ckpt_period == 0:
+                dist_utils.barrier()
+            it = done
+        bar.close()
+        result["seconds"] = time.perf_counter() - start
+        result["iterations"] = self.max_iters
+        if self.main:
+            plot_run(self.run_dir)
+            self.logger.close()
+        return result
+
+    def _fit_budget(self, done: int, budget_s: float, spent_s: float, bar: tqdm) -> None:
+        """Shrink ``max_iters`` so training fits ``train.time_budget_s`` (quickstart).
+
+        The schedule is rebuilt for the new length; warm-up and the remaining decay keep their
+        shape. Runs once, after a few calibration iterations."""
+        per_iter = spent_s / max(1, done - self.start_iter)
+        new_max = max(done + 1, min(self.max_iters, int(budget_s / per_iter)))
+        if new_max == self.max_iters:
+            return
+        self.max_iters = new_max
+        self.scheduler = build_scheduler(self.optimizer, self.tcfg, new_max)
+        self.scheduler.last_epoch = done - 1
+        self.scheduler.step()
+        if self.tcfg.get("num_evals"):
+            self.eval_period = max(1, new_max // int(self.tcfg["num_evals"]))
+        bar.total = new_max
+        bar.refresh()
+
+    def evaluate(self, iteration: int) -> dict[str, float] | None:
+        from dynadet.data.loader import build_eval_loader
+        from dynadet.engine.evaluate import evaluate
+
+        if not hasattr(self, "val_dataset"):
+            self.val_dataset = build_datasets(self.cfg, train=False)
+        loader = build_eval_loader(self.val_dataset, batch_size=int(self.tcfg.get(
+            "eval_batch_size", 2)), num_workers=int((self.cfg.get("data") or {}).get(
+                "num_workers", 0)))
+        model = self.model
+        if self.ema is not None:
+            model = build_model(self.cfg).to(self.device)
+            model.load_state_dict(self.ema.state)
+        res = evaluate(model, loader, self.val_dataset.coco, self.val_dataset.category_ids,
+                       self.val_dataset.class_names,
+                       output_dir=self.run_dir / "eval" / f"iter_{iteration:07d}",
+                       progress=self.main, device=self.device)
+        if res is None:
+            return None
+        self.logger.log("eval", iteration, res.metrics)
+        plot_run(self.run_dir)
+        return dict(res.metrics)
+
+
+def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False,
+          device: str | None = None) -> dict[str, Any]:
+    """Train and return a summary (run folder, seconds, last metrics)."""
+    trainer = Trainer(cfg, run_dir, resume=resume, device=device)
+    try:
+        return trainer.run()
+    finally:
+        dist_utils.cleanup()
