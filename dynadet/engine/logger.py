@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,46 +57,23 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def plot_run(run_dir: Path) -> list[Path]:
     """Write ``plots/loss.png`` (every loss term) and ``plots/ap.png`` (AP over evaluations)."""
-    records = read_metrics(Path(run_dir) / "metrics.jsonl")
-    try:
-        import matplotlib
+    from dynadet.engine.plot import line_chart
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pycocotools brings matplotlib; without it there are no plots
-        return []
+    records = read_metrics(Path(run_dir) / "metrics.jsonl")
     out_dir = Path(run_dir) / "plots"
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     train = [r for r in records if r["type"] == "train"]
     if train:
-        fig, ax = plt.subplots(figsize=(7, 4))
         keys = sorted({k for r in train for k in r if k.startswith("loss")})
-        for k in keys:
-            pts = [(r["iter"], r[k]) for r in train if k in r and math.isfinite(r[k])]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), label=k)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("loss")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / "loss.png", dpi=100)
-        plt.close(fig)
-        written.append(out_dir / "loss.png")
-    evals = [r for r in records if r["type"] == "eval" and "AP" in r]
+        series = {k: [(r["iter"], r[k]) for r in train if k in r] for k in keys}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written.append(line_chart(series, out_dir / "loss.png", "training loss",
+                                  ylabel="loss (log scale)", log_y=True))
+    evals = [r for r in records if r["type"] == "eval" and r.get("AP") is not None]
     if evals:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for k in ("AP", "AP50", "AP75"):
-            ax.plot([r["iter"] for r in evals], [r.get(k, float("nan")) for r in evals],
-                    marker="o", label=k)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("COCO AP (%)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "ap.png", dpi=100)
-        plt.close(fig)
-        written.append(out_dir / "ap.png")
+        series = {k: [(r["iter"], r[k]) for r in evals if r.get(k) is not None]
+                  for k in ("AP", "AP50", "AP75")}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written.append(line_chart(series, out_dir / "ap.png", "COCO AP on the validation split",
+                                  ylabel="AP (%)"))
     return written
