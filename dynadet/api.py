@@ -40,7 +40,7 @@ def load_image(image: ImageLike) -> Tensor:
         except OSError as e:
             raise ValueError(f"{path}: cannot be read as an image ({e})") from e
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an H×W×3 array, got shape {image.shape}")

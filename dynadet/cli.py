@@ -39,13 +39,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dynadet.engine.train import train
 
     cfg = load_config(args.config, args.set)
-    run_dir = Path(args.keys.get("output_dir") or cfg.get("output_dir") or _run_dir_for(args.config))
+    run_dir = Path(
+        args.keys.get("output_dir") or cfg.get("output_dir") or _run_dir_for(args.config)
+    )
     resume = _bool(args.keys.get("resume", "false"))
     result = train(cfg, run_dir, resume=resume, device=args.keys.get("device"))
     metrics = result.get("metrics")
     if metrics:
-        print("final: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics.items()
-                                    if k in ("AP", "AP50", "AP75", "AP90")))
+        print(
+            "final: "
+            + ", ".join(
+                f"{k} {v:.1f}" for k, v in metrics.items() if k in ("AP", "AP50", "AP75", "AP90")
+            )
+        )
     print(f"run folder: {run_dir}")
     return 0
 
@@ -83,9 +89,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cfg = load_config(config, args.set)  # data paths from the named config
     dataset = build_datasets(cfg, train=False)
     loader = build_eval_loader(dataset, batch_size=args.batch_size)
-    out = Path(args.keys.get("output_dir") or Path(weights).parent / "eval")
-    res = evaluate(det.model, loader, dataset.coco, dataset.category_ids, dataset.class_names,
-                   output_dir=out, device=det.device)
+    out = Path(weights).parent / "eval" / Path(weights).name
+    res = evaluate(
+        det.model,
+        loader,
+        dataset.coco,
+        dataset.category_ids,
+        dataset.class_names,
+        output_dir=out,
+        device=det.device,
+    )
     if res is not None:
         print(res.summary)
         print(res.to_markdown())
@@ -141,7 +154,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     summary = {}
     for name, pred in zip(names, preds, strict=True):
         keep = pred.scores >= args.score_thresh
-        pred.boxes, pred.scores, pred.labels = pred.boxes[keep], pred.scores[keep], pred.labels[keep]
+        pred.boxes, pred.scores, pred.labels = (
+            pred.boxes[keep],
+            pred.scores[keep],
+            pred.labels[keep],
+        )
         pred.plot(out / f"{name}.png")
         summary[name] = pred.to_list()
         top = ", ".join(f"{d['label']} {d['score']:.2f}" for d in summary[name][:3])
@@ -156,8 +173,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from dynadet.tools.convert import CONVERTERS
 
     if args.source not in CONVERTERS:
-        print(f"error: unknown source {args.source!r}; choose from {sorted(CONVERTERS)}",
-              file=sys.stderr)
+        print(
+            f"error: unknown source {args.source!r}; choose from {sorted(CONVERTERS)}",
+            file=sys.stderr,
+        )
         return 2
     out = CONVERTERS[args.source](args.src, args.dst, arch=args.arch)
     print(f"wrote {out}")
@@ -199,8 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="COCO-evaluate a checkpoint on the config's val split")
-    e.add_argument("config", help="preset/YAML (weights=PATH or its run's latest checkpoint), "
-                                  "a run folder, or a checkpoint")
+    e.add_argument(
+        "config",
+        help="preset/YAML (weights=PATH or its run's latest checkpoint), "
+        "a run folder, or a checkpoint",
+    )
     e.add_argument("--batch-size", type=int, default=2)
     e.set_defaults(func=cmd_eval)
 
@@ -209,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", help="image files or folders")
     p.add_argument("--input", action="append", help="image file or folder (repeatable)")
     p.add_argument("--weights", dest="weights_opt", help="checkpoint (same as weights=PATH)")
-    p.add_argument("--synthetic", type=int, default=0, metavar="N",
-                   help="also run on N generated scenes")
+    p.add_argument(
+        "--synthetic", type=int, default=0, metavar="N", help="also run on N generated scenes"
+    )
     p.add_argument("--output", "--out", default="outputs/predict", help="folder for PNGs and JSON")
     p.add_argument("--score-thresh", type=float, default=0.3)
     p.add_argument("--batch-size", type=int, default=1)
@@ -277,8 +300,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.set, args.keys = overrides, keys
     try:
         return int(args.func(args))
-    except (ConfigError, CheckpointError, ConversionError, FileNotFoundError, ValueError,
-            OSError) as e:
+    except (
+        ConfigError,
+        CheckpointError,
+        ConversionError,
+        FileNotFoundError,
+        ValueError,
+        OSError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

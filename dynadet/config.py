@@ -149,6 +149,8 @@ def list_presets() -> list[str]:
 
     def walk(node: Traversable, prefix: str) -> Iterator[str]:
         for child in node.iterdir():
+            if child.name.startswith("_"):  # partial configs (bases), not presets
+                continue
             if child.is_dir():
                 yield from walk(child, f"{prefix}{child.name}/")
             elif child.name.endswith(_YAML_SUFFIXES):

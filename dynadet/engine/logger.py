@@ -39,8 +39,11 @@ class MetricsLogger:
         """Drop records past ``iteration`` (a resumed run rewrites them)."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["iter"] <= iteration]
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)["iter"] <= iteration
+        ]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def close(self) -> None:
@@ -67,13 +70,21 @@ def plot_run(run_dir: Path) -> list[Path]:
         keys = sorted({k for r in train for k in r if k.startswith("loss")})
         series = {k: [(r["iter"], r[k]) for r in train if k in r] for k in keys}
         out_dir.mkdir(parents=True, exist_ok=True)
-        written.append(line_chart(series, out_dir / "loss.png", "training loss",
-                                  ylabel="loss (log scale)", log_y=True))
+        written.append(
+            line_chart(
+                series, out_dir / "loss.png", "training loss", ylabel="loss (log scale)", log_y=True
+            )
+        )
     evals = [r for r in records if r["type"] == "eval" and r.get("AP") is not None]
     if evals:
-        series = {k: [(r["iter"], r[k]) for r in evals if r.get(k) is not None]
-                  for k in ("AP", "AP50", "AP75")}
+        series = {
+            k: [(r["iter"], r[k]) for r in evals if r.get(k) is not None]
+            for k in ("AP", "AP50", "AP75")
+        }
         out_dir.mkdir(parents=True, exist_ok=True)
-        written.append(line_chart(series, out_dir / "ap.png", "COCO AP on the validation split",
-                                  ylabel="AP (%)"))
+        written.append(
+            line_chart(
+                series, out_dir / "ap.png", "COCO AP on the validation split", ylabel="AP (%)"
+            )
+        )
     return written

@@ -8,8 +8,16 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127))
+PALETTE = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+)
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -40,8 +48,10 @@ def line_chart(
     left, right, top, bottom = 70, 150, 34, 46
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
-    pts = {k: [(x, y) for x, y in v if math.isfinite(y) and (not log_y or y > 0)]
-           for k, v in series.items()}
+    pts = {
+        k: [(x, y) for x, y in v if math.isfinite(y) and (not log_y or y > 0)]
+        for k, v in series.items()
+    }
     allx = [x for v in pts.values() for x, _ in v]
     ally = [y for v in pts.values() for _, y in v]
     draw.text((left, 10), title, fill="black")
@@ -62,8 +72,10 @@ def line_chart(
     y0, y1 = y0 - pad, y1 + pad
 
     def px(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x0) / (x1 - x0) * (w - left - right),
-                h - bottom - (ty(y) - y0) / (y1 - y0) * (h - top - bottom))
+        return (
+            left + (x - x0) / (x1 - x0) * (w - left - right),
+            h - bottom - (ty(y) - y0) / (y1 - y0) * (h - top - bottom),
+        )
 
     draw.rectangle((left, top, w - right, h - bottom), outline=(90, 90, 90))
     for t in _ticks(x0, x1):

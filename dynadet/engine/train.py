@@ -50,8 +50,9 @@ def build_datasets(cfg: dict[str, Any], train: bool = True):
     data = cfg.get("data") or {}
     split = data.get("train" if train else "val")
     if not split:
-        raise ValueError(f"config has no data.{'train' if train else 'val'} section "
-                         "(ann_file and image_dir)")
+        raise ValueError(
+            f"config has no data.{'train' if train else 'val'} section (ann_file and image_dir)"
+        )
     return CocoDetection(
         split["ann_file"],
         split["image_dir"],
@@ -71,8 +72,13 @@ class Trainer:
         device: ``"cpu"``, ``"cuda"``; default CUDA when available.
     """
 
-    def __init__(self, cfg: dict[str, Any], run_dir: str | Path, resume: bool = False,
-                 device: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        run_dir: str | Path,
+        resume: bool = False,
+        device: str | None = None,
+    ) -> None:
         self.cfg = cfg
         self.tcfg: dict[str, Any] = dict(cfg.get("train") or {})
         self.run_dir = Path(run_dir)
@@ -102,8 +108,7 @@ class Trainer:
         if self.main:
             self._check_output_dir()
         self.model: nn.Module = build_model(self.cfg).to(self.device)
-        self.class_names = resolve_class_names(self.cfg.get("classes"),
-                                               self.model.num_classes)
+        self.class_names = resolve_class_names(self.cfg.get("classes"), self.model.num_classes)
         self.max_iters = int(t.get("max_iters", 1000))
         self.accumulate = int(t.get("accumulate", 1))
         self.optimizer = build_optimizer(self.model, t)
@@ -124,22 +129,30 @@ class Trainer:
         world = dist_utils.get_world_size()
         total = int(t.get("batch_size", 2))
         if total % (world * self.accumulate):
-            raise ValueError(f"train.batch_size={total} is not divisible by world size {world} "
-                             f"× accumulate {self.accumulate}")
+            raise ValueError(
+                f"train.batch_size={total} is not divisible by world size {world} "
+                f"× accumulate {self.accumulate}"
+            )
         self.batch_per_step = total // (world * self.accumulate)
         from dynadet.data.loader import build_train_loader
 
         self.dataset = build_datasets(self.cfg, train=True)
         data = self.cfg.get("data") or {}
         self.loader = build_train_loader(
-            self.dataset, self.batch_per_step, num_workers=int(data.get("num_workers", 0)),
-            seed=seed, aspect_grouping=bool(data.get("aspect_grouping", True)),
+            self.dataset,
+            self.batch_per_step,
+            num_workers=int(data.get("num_workers", 0)),
+            seed=seed,
+            aspect_grouping=bool(data.get("aspect_grouping", True)),
             start_iter=self.start_iter * self.accumulate,
         )
         if self.main:
             save_config(self.cfg, self.run_dir / "config.yaml")
-        self.logger = MetricsLogger(self.run_dir, tensorboard=bool(t.get("tensorboard", True))) \
-            if self.main else None
+        self.logger = (
+            MetricsLogger(self.run_dir, tensorboard=bool(t.get("tensorboard", True)))
+            if self.main
+            else None
+        )
         if self.logger is not None and self.start_iter:
             self.logger.truncate_after(self.start_iter)
 
@@ -177,11 +190,20 @@ class Trainer:
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
-        weights = self.ema.state if self.ema is not None and self.tcfg.get("save_ema") \
+        weights = (
+            self.ema.state
+            if self.ema is not None and self.tcfg.get("save_ema")
             else self.model.state_dict()
-        path = save_training_checkpoint(self.run_dir, iteration, weights, self.cfg,
-                                        self.class_names, state,
-                                        keep=int(self.tcfg.get("keep_checkpoints", 3)))
+        )
+        path = save_training_checkpoint(
+            self.run_dir,
+            iteration,
+            weights,
+            self.cfg,
+            self.class_names,
+            state,
+            keep=int(self.tcfg.get("keep_checkpoints", 3)),
+        )
         self.last_saved = path
         return path
 
@@ -193,8 +215,10 @@ class Trainer:
         for micro in range(self.accumulate):
             images, targets = next(batch_iter)
             images = [im.to(self.device, non_blocking=True) for im in images]
-            targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()}
-                       for t in targets]
+            targets = [
+                {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()}
+                for t in targets
+            ]
             sync = nullcontext()
             if self.distributed and micro < self.accumulate - 1:
                 sync = self.ddp_model.no_sync()
@@ -202,8 +226,9 @@ class Trainer:
                 out = self.ddp_model(images, targets)
                 loss = sum(v for k, v in out.items() if k.startswith("loss"))
                 self.scaler.scale(loss / self.accumulate).backward()
-            for k, v in dist_utils.reduce_dict({k: v.detach().float() for k, v in out.items()}
-                                               ).items():
+            for k, v in dist_utils.reduce_dict(
+                {k: v.detach().float() for k, v in out.items()}
+            ).items():
                 totals[k] = totals.get(k, 0.0) + float(v) / self.accumulate
         totals["loss"] = sum(v for k, v in totals.items() if k.startswith("loss"))
         if not math.isfinite(totals["loss"]):
@@ -230,8 +255,13 @@ class Trainer:
             self.eval_period = max(1, self.max_iters // int(t["num_evals"]))
         log_period = max(1, int(t.get("log_period", 20)))
         self.last_saved: Path | None = None
-        bar = tqdm(total=self.max_iters, initial=self.start_iter, disable=not self.main,
-                   dynamic_ncols=True, desc="train")
+        bar = tqdm(
+            total=self.max_iters,
+            initial=self.start_iter,
+            disable=not self.main,
+            dynamic_ncols=True,
+            desc="train",
+        )
         batch_iter = iter(self.loader)
         result: dict[str, Any] = {"run_dir": str(self.run_dir)}
         start = time.perf_counter()
@@ -248,16 +278,19 @@ class Trainer:
                     f"({', '.join(f'{k}={v:.4g}' for k, v in values.items())}); last good "
                     f"checkpoint: {where if where else 'none saved yet'}"
                 )
-            values["lr"] = self.optimizer.param_groups[0]["lr"] / \
-                self.optimizer.param_groups[0].get("lr_factor", 1.0)
+            values["lr"] = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[
+                0
+            ].get("lr_factor", 1.0)
             done = it + 1
             bar.update(1)
             if budget and done == self.start_iter + calibration:
                 self._fit_budget(done, float(budget), time.perf_counter() - start, bar)
                 ckpt_period = min(ckpt_period, self.max_iters)
             if self.main and (done % log_period == 0 or done == self.max_iters or done == 1):
-                bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()
-                                 if k.startswith("loss")} | {"lr": f"{values['lr']:.2e}"})
+                bar.set_postfix(
+                    {k: f"{v:.3f}" for k, v in values.items() if k.startswith("loss")}
+                    | {"lr": f"{values['lr']:.2e}"}
+                )
                 self.logger.log("train", done, values)
             if done % ckpt_period == 0 or done == self.max_iters:
                 self.save(done)
@@ -300,17 +333,25 @@ class Trainer:
 
         if not hasattr(self, "val_dataset"):
             self.val_dataset = build_datasets(self.cfg, train=False)
-        loader = build_eval_loader(self.val_dataset, batch_size=int(self.tcfg.get(
-            "eval_batch_size", 2)), num_workers=int((self.cfg.get("data") or {}).get(
-                "num_workers", 0)))
+        loader = build_eval_loader(
+            self.val_dataset,
+            batch_size=int(self.tcfg.get("eval_batch_size", 2)),
+            num_workers=int((self.cfg.get("data") or {}).get("num_workers", 0)),
+        )
         model = self.model
         if self.ema is not None:
             model = build_model(self.cfg).to(self.device)
             model.load_state_dict(self.ema.state)
-        res = evaluate(model, loader, self.val_dataset.coco, self.val_dataset.category_ids,
-                       self.val_dataset.class_names,
-                       output_dir=self.run_dir / "eval" / f"iter_{iteration:07d}",
-                       progress=self.main, device=self.device)
+        res = evaluate(
+            model,
+            loader,
+            self.val_dataset.coco,
+            self.val_dataset.category_ids,
+            self.val_dataset.class_names,
+            output_dir=self.run_dir / "eval" / f"iter_{iteration:07d}",
+            progress=self.main,
+            device=self.device,
+        )
         if res is None:
             return None
         self.logger.log("eval", iteration, res.metrics)
@@ -318,8 +359,9 @@ class Trainer:
         return dict(res.metrics)
 
 
-def train(cfg: dict[str, Any], run_dir: str | Path, resume: bool = False,
-          device: str | None = None) -> dict[str, Any]:
+def train(
+    cfg: dict[str, Any], run_dir: str | Path, resume: bool = False, device: str | None = None
+) -> dict[str, Any]:
     """Train and return a summary (run folder, seconds, last metrics)."""
     trainer = Trainer(cfg, run_dir, resume=resume, device=device)
     try:

@@ -56,17 +56,32 @@ def run(args: argparse.Namespace, overrides: list[str] | None = None) -> dict[st
         image, target = val[i]
         pred = det.predict(image)
         keep = pred.scores >= 0.3
-        pred.boxes, pred.scores, pred.labels = pred.boxes[keep], pred.scores[keep], pred.labels[keep]
+        pred.boxes, pred.scores, pred.labels = (
+            pred.boxes[keep],
+            pred.scores[keep],
+            pred.labels[keep],
+        )
         pred.plot(pred_dir / f"val_{int(target['image_id']):06d}.png")
     plots = plot_run(out)
     metrics = result.get("metrics", {})
     summary = _summary(out, cfg, result, metrics, total_s, ckpt, plots)
     (out / "summary.md").write_text(summary)
-    (out / "summary.json").write_text(json.dumps(
-        {"metrics": metrics, "train_seconds": result["seconds"], "total_seconds": total_s,
-         "iterations": result["iterations"], "checkpoint": str(ckpt)}, indent=1))
-    print(f"\nAP {metrics.get('AP', float('nan')):.1f}  AP50 {metrics.get('AP50', float('nan')):.1f}"
-          f"  ({result['iterations']} iterations, {total_s / 60:.1f} min in all)")
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "metrics": metrics,
+                "train_seconds": result["seconds"],
+                "total_seconds": total_s,
+                "iterations": result["iterations"],
+                "checkpoint": str(ckpt),
+            },
+            indent=1,
+        )
+    )
+    print(
+        f"\nAP {metrics.get('AP', float('nan')):.1f}  AP50 {metrics.get('AP50', float('nan')):.1f}"
+        f"  ({result['iterations']} iterations, {total_s / 60:.1f} min in all)"
+    )
     print(f"summary:     {out / 'summary.md'}")
     print(f"checkpoint:  {ckpt}")
     print(f"predictions: {pred_dir}/")
@@ -75,8 +90,9 @@ def run(args: argparse.Namespace, overrides: list[str] | None = None) -> dict[st
     return {"metrics": metrics, "run_dir": str(out), "seconds": total_s}
 
 
-def _summary(out: Path, cfg: dict, result: dict, metrics: dict, total_s: float, ckpt: Path,
-             plots: list[Path]) -> str:
+def _summary(
+    out: Path, cfg: dict, result: dict, metrics: dict, total_s: float, ckpt: Path, plots: list[Path]
+) -> str:
     head = cfg["model"]["head"]["type"]
     lines = [
         "# dynadet quickstart",

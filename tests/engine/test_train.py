@@ -1,0 +1,178 @@
+"""Training loop: exact resume, divergence, unwritable output, checkpoints, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynadet.cli import main as cli_main
+from dynadet.config import load_config
+from dynadet.data.synthetic import write_synthetic_dataset
+from dynadet.engine.checkpoint import load_checkpoint
+from dynadet.engine.logger import read_metrics
+from dynadet.engine.state import last_checkpoint, load_training_state
+from dynadet.engine.train import Trainer, TrainingDiverged, train
+
+TINY = [
+    "model.preprocess.min_size=64",
+    "model.preprocess.max_size=96",
+    "model.neck.out_channels=32",
+    "model.head.in_channels=32",
+    "model.head.feat_channels=32",
+    "model.head.num_convs=1",
+    "train.batch_size=2",
+    "train.max_iters=6",
+    "train.warmup_iters=2",
+    "train.checkpoint_period=3",
+    "train.log_period=1",
+    "train.tensorboard=false",
+    "data.num_workers=0",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("synth")
+    return write_synthetic_dataset(root, 10, seed=3, height=64, width=80, progress=False)
+
+
+def tiny_cfg(paths: dict[str, Path], extra: list[str] = ()) -> dict:
+    cfg = load_config("quickstart", TINY + list(extra))
+    cfg["data"]["train"] = {"ann_file": str(paths["train"]), "image_dir": str(paths["images"])}
+    cfg["data"]["val"] = {"ann_file": str(paths["val"]), "image_dir": str(paths["images"])}
+    return cfg
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [
+        (r["iter"], r["loss"])
+        for r in read_metrics(run_dir / "metrics.jsonl")
+        if r["type"] == "train"
+    ]
+
+
+def interrupt_at(monkeypatch, call: int) -> None:
+    """Make the ``call``-th training step raise KeyboardInterrupt (a user's Ctrl-C)."""
+    real_step = Trainer.step
+    calls = {"n": 0}
+
+    def step(self, batch_iter):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real_step(self, batch_iter)
+
+    monkeypatch.setattr(Trainer, "step", step)
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(data_dir, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    train(tiny_cfg(data_dir), full)
+    part = tmp_path / "part"
+    with monkeypatch.context() as m:  # stopped during iteration 5, after the save at 3
+        interrupt_at(m, 5)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_cfg(data_dir), part)
+    assert last_checkpoint(part).name == "iter_0000003"
+    train(tiny_cfg(data_dir), part, resume=True)
+    a, b = train_losses(full), train_losses(part)
+    assert [i for i, _ in a] == [1, 2, 3, 4, 5, 6] == [i for i, _ in b]
+    assert a == b  # bit-identical losses on CPU
+    wa, *_ = load_checkpoint(last_checkpoint(full))
+    wb, *_ = load_checkpoint(last_checkpoint(part))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_checkpoint_contents_and_weights_only_state(data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(data_dir, ["train.ema=0.99"]), run)
+    ckpt = last_checkpoint(run)
+    assert ckpt.name == "iter_0000006"
+    state = load_training_state(ckpt)  # weights_only=True inside
+    assert state["iteration"] == 6 and "optimizer" in state and "rng" in state
+    assert "ema" in state
+    weights, cfg, classes, meta = load_checkpoint(ckpt)
+    assert classes == ["square", "disc", "triangle", "ring", "cross"]
+    assert meta["iteration"] == 6 and cfg["model"]["head"]["type"] == "FCOSHead"
+    assert (run / "config.yaml").exists() and (run / "plots" / "loss.png").exists()
+    # no temporary folders left behind
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_nan_loss_stops_with_iteration_and_last_checkpoint(data_dir, tmp_path, monkeypatch):
+    run = tmp_path / "nan"
+    trainer = Trainer(tiny_cfg(data_dir), run)
+    real_step = Trainer.step
+    calls = {"n": 0}
+
+    def step(self, batch_iter):
+        out = real_step(self, batch_iter)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            out["loss"] = math.nan
+        return out
+
+    monkeypatch.setattr(Trainer, "step", step)
+    with pytest.raises(TrainingDiverged) as err:
+        trainer.run()
+    msg = str(err.value)
+    assert "iteration 5" in msg and "iter_0000003" in msg
+    assert last_checkpoint(run).name == "iter_0000003"
+
+
+def test_unwritable_output_folder_fails_before_training(data_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError, match="cannot write to the run folder"):
+        Trainer(tiny_cfg(data_dir), blocker / "run").setup()
+
+
+def test_lr_schedule_is_logged_with_warmup(data_dir, tmp_path):
+    run = tmp_path / "lr"
+    train(tiny_cfg(data_dir, ["train.schedule=multistep", "train.steps=[4]"]), run)
+    lrs = [r["lr"] for r in read_metrics(run / "metrics.jsonl") if r["type"] == "train"]
+    base = 0.002
+    # logged after each step: warm-up (2 its, factor 0.01 → 1), then ×0.1 from iteration 4
+    assert lrs[0] == pytest.approx(base * (0.01 * 0.5 + 0.5))
+    assert lrs[1] == pytest.approx(base)
+    assert lrs[4] == pytest.approx(base * 0.1)
+
+
+def test_cli_train_eval_predict(data_dir, tmp_path):
+    cfg_path = tmp_path / "tiny.yaml"
+    import yaml
+
+    cfg_path.write_text(yaml.safe_dump(tiny_cfg(data_dir, ["train.max_iters=2"])))
+    run = tmp_path / "cli_run"
+    assert cli_main(["train", str(cfg_path), f"output_dir={run}"]) == 0
+    ckpt = last_checkpoint(run)
+    # the latest checkpoint of the run is found from the config + run folder, or the folder
+    assert cli_main(["eval", str(cfg_path), f"output_dir={run}"]) == 0
+    assert cli_main(["eval", str(run)]) == 0
+    metrics = json.loads((ckpt.parent / "eval" / ckpt.name / "metrics.json").read_text())
+    assert "AP" in json.dumps(metrics)
+    out = tmp_path / "pred"
+    assert (
+        cli_main(
+            [
+                "predict",
+                "--weights",
+                str(last_checkpoint(run)),
+                "--input",
+                str(data_dir["images"]),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert (out / "predictions.json").exists() and len(list(out.glob("*.png"))) == 10
+
+
+def test_cli_reports_config_typos(capsys):
+    assert cli_main(["predict", "quickstart", "--synthetic", "1", "model.head.nms_tresh=0.5"]) == 2
+    assert "nms_thresh" in capsys.readouterr().err
