@@ -66,6 +66,12 @@ class Prediction:
     def __len__(self) -> int:
         return int(self.scores.numel())
 
+    def above(self, min_score: float) -> Prediction:
+        """The detections scoring at least ``min_score``."""
+        keep = self.scores >= min_score
+        return Prediction(self.boxes[keep], self.scores[keep], self.labels[keep],
+                          self.class_names, self.image)
+
     def names(self) -> list[str]:
         return [
             self.class_names[i] if i < len(self.class_names) else str(i)
