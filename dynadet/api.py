@@ -72,7 +72,9 @@ class Prediction:
         return Prediction(self.boxes[keep], self.scores[keep], self.labels[keep],
                           self.class_names, self.image)
 
+    @property
     def names(self) -> list[str]:
+        """Class name of each detection."""
         return [
             self.class_names[i] if i < len(self.class_names) else str(i)
             for i in self.labels.tolist()
@@ -82,7 +84,7 @@ class Prediction:
         """JSON-ready detections."""
         return [
             {"box": [round(v, 2) for v in b], "score": round(s, 4), "label": n}
-            for b, s, n in zip(self.boxes.tolist(), self.scores.tolist(), self.names(), strict=True)
+            for b, s, n in zip(self.boxes.tolist(), self.scores.tolist(), self.names, strict=True)
         ]
 
     def plot(self, path: str | Path | None = None, min_score: float = 0.0) -> Image.Image:
@@ -93,7 +95,7 @@ class Prediction:
         canvas = Image.fromarray(arr)
         draw = ImageDraw.Draw(canvas)
         for box, score, name in zip(
-            self.boxes.tolist(), self.scores.tolist(), self.names(), strict=True
+            self.boxes.tolist(), self.scores.tolist(), self.names, strict=True
         ):
             if score < min_score:
                 continue
@@ -153,6 +155,47 @@ class Detector:
         model = build_model(cfg)
         model.load_state_dict(state, strict=True)
         return cls(model, cfg, names or resolve_class_names(None, model.num_classes), device)
+
+    def train(
+        self,
+        train_data: tuple[str | Path, str | Path] | None = None,
+        val_data: tuple[str | Path, str | Path] | None = None,
+        run_dir: str | Path = "runs/detector",
+        resume: bool = False,
+        overrides: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        """Train with the engine (``dynadet train``) and load the final weights.
+
+        ``train_data``/``val_data`` are ``(ann_file, image_dir)`` pairs of COCO data sets
+        (default: the config's ``data`` section); ``overrides`` are dotted ``key=value``.
+        """
+        from dynadet.engine.state import last_checkpoint
+        from dynadet.engine.train import train as run_training
+
+        cfg = load_config(self.config, overrides)
+        for split, pair in (("train", train_data), ("val", val_data)):
+            if pair is not None:
+                cfg["data"][split] = {"ann_file": str(pair[0]), "image_dir": str(pair[1])}
+        result = run_training(cfg, run_dir, resume=resume, device=str(self.device))
+        state, _, _, _ = load_checkpoint(last_checkpoint(Path(run_dir)))
+        self.model.load_state_dict(state)
+        self.model.eval()
+        self.config = cfg
+        return result
+
+    def evaluate(
+        self, ann_file: str | Path, image_dir: str | Path, batch_size: int = 2,
+        output_dir: str | Path | None = None,
+    ):
+        """COCO-evaluate on a data set; returns an ``EvalResult`` (``.metrics``, ``.per_class``)."""
+        from dynadet.data.coco import CocoDetection
+        from dynadet.data.loader import build_eval_loader
+        from dynadet.engine.evaluate import evaluate
+
+        dataset = CocoDetection(ann_file, image_dir, filter_empty=False)
+        loader = build_eval_loader(dataset, batch_size=batch_size)
+        return evaluate(self.model, loader, dataset.coco, dataset.category_ids,
+                        dataset.class_names, output_dir=output_dir, device=self.device)
 
     def save(self, path: str | Path) -> Path:
         return save_checkpoint(path, self.model.state_dict(), self.config, self.class_names)

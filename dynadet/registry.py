@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dynadet.models.atss import ATSSHead
+from dynadet.models.chain import Chain
 from dynadet.models.detector import OneStageDetector
+from dynadet.models.dyhead import DyHead
 from dynadet.models.fcos import FCOSHead
 from dynadet.models.fpn import FPN
 from dynadet.models.preprocess import Preprocessor
@@ -17,6 +19,8 @@ REGISTRY: dict[str, Callable] = {
     "OneStageDetector": OneStageDetector,
     "ResNet": ResNet,
     "FPN": FPN,
+    "Chain": Chain,
+    "DyHead": DyHead,
     "FCOSHead": FCOSHead,
     "ATSSHead": ATSSHead,
     "RetinaNetHead": RetinaNetHead,

@@ -12,7 +12,6 @@ SMALL = [
     "model.preprocess.min_size=128",
     "model.preprocess.max_size=192",
     "model.head.num_classes=5",
-    "model.preprocess.flip_prob=0.0",
 ]
 
 

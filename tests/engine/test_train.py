@@ -176,3 +176,17 @@ def test_cli_train_eval_predict(data_dir, tmp_path):
 def test_cli_reports_config_typos(capsys):
     assert cli_main(["predict", "quickstart", "--synthetic", "1", "model.head.nms_tresh=0.5"]) == 2
     assert "nms_thresh" in capsys.readouterr().err
+
+
+def test_python_api_train_evaluate_predict(data_dir, tmp_path):
+    from dynadet import Detector
+
+    det = Detector.from_config("quickstart", TINY + ["train.max_iters=2"])
+    result = det.train((data_dir["train"], data_dir["images"]), run_dir=tmp_path / "api")
+    assert result["iterations"] == 2
+    res = det.evaluate(data_dir["val"], data_dir["images"])
+    assert set(res.metrics) >= {"AP", "AP50", "AP90"} and res.per_class.keys() <= set(
+        det.class_names)
+    image = next((data_dir["images"]).glob("*.png"))
+    pred = det.predict(image)
+    assert pred.boxes.shape[1] == 4 and len(pred.names) == len(pred)
