@@ -242,8 +242,9 @@ class CocoDetection(Dataset):
     ``filter_empty=True`` drops images without a usable box from the index (the training
     default of the reference implementations); use ``False`` for evaluation so every image is
     scored. ``skip_bad_images=True`` replaces an unreadable image by the next readable one and
-    counts it in ``skipped_images``; with DataLoader workers each worker process counts (and
-    warns about) its own, so the main-process counter stays 0.
+    counts it in ``skipped_images``. Both this counter and ``repairs["size_mismatch"]`` are
+    updated at load time: with DataLoader workers each worker process counts (and warns about)
+    its own, so the main-process copies stay 0.
 
     ``dataset[i]`` → ``(image, target)``: ``image`` ``Tensor[3, H, W]`` float32 RGB 0–255,
     ``target`` ``dict(boxes=Tensor[N, 4] xyxy absolute float32, labels=Tensor[N] int64,

@@ -165,8 +165,12 @@ def render_scene(
     width: int = 320,
     max_objects: int = 6,
     min_visible: float = 0.3,
+    size_range: tuple[float, float] | None = None,
 ) -> Scene:
-    """Draw one scene of 1..``max_objects`` shapes, sizes ~8 px to half the short side.
+    """Draw one scene of 1..``max_objects`` shapes.
+
+    Object sizes (geometric mean of the box sides before aspect jitter) are log-uniform in
+    ``size_range``, by default ``(8, short side / 2)``.
 
     Objects whose visible fraction is below ``min_visible`` are not labelled (the topmost
     object is always visible, so a scene has at least one box). Boxes are the tight boxes of
@@ -176,10 +180,13 @@ def render_scene(
     img = _background(rng, height, width)
     owner = np.full((height, width), -1, dtype=np.int32)
     short = min(height, width)
+    lo_size, hi_size = size_range if size_range is not None else (8.0, max(9.0, short / 2))
+    if not 0 < lo_size <= hi_size:
+        raise ValueError(f"size_range must be (low, high) with 0 < low <= high, got {size_range}")
     boxes, labels, full = [], [], []
     for k in range(int(rng.integers(1, max_objects + 1))):
         label = int(rng.integers(len(SHAPE_CLASSES)))
-        size = float(np.exp(rng.uniform(np.log(8), np.log(max(9, short / 2)))))
+        size = float(np.exp(rng.uniform(np.log(lo_size), np.log(hi_size))))
         aspect = float(np.exp(rng.uniform(-0.35, 0.35)))
         bw = int(np.clip(round(size * aspect), 6, width))
         bh = int(np.clip(round(size / aspect), 6, height))

@@ -101,7 +101,9 @@ def dilate_mask(mask: Tensor, kernel_size: int = 3, dilation: int = 1) -> Tensor
     """
     m = (mask > 0).to(torch.float32 if not mask.is_floating_point() else mask.dtype)
     pad = dilation * (kernel_size - 1) // 2
-    return F.max_pool2d(m, kernel_size, stride=1, padding=pad, dilation=dilation) > 0
+    # Zero padding is exact for a 0/1 map (max_pool2d's own padding refuses pad > kernel / 2).
+    m = F.pad(m, (pad, pad, pad, pad))
+    return F.max_pool2d(m, kernel_size, stride=1, dilation=dilation) > 0
 
 
 def _group_norm_rows(
