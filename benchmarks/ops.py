@@ -200,7 +200,7 @@ def main() -> None:
     for r in rows:
         line = (
             f"| {r['op']} | {r['shape']} | {r['ours_ms']:.1f} | {r['baseline']} | "
-            f"{r['baseline_ms']:.1f} | {r['ratio']:.2f} | {r['target']} |"
+            f"{r['baseline_ms']:.1f} | {r['ratio']:.3g} | {r['target']} |"
         )
         if tvo is not None:
             line += f" {r['torchvision_ms']:.1f} |"

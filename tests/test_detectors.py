@@ -18,7 +18,7 @@ SMALL = [
 def _scenes(seeds, h=120, w=160):
     images, targets = [], []
     for s in seeds:
-        sc = render_scene(s, h, w)
+        sc = render_scene(s, h, w, size_range=(20, 60))
         images.append(torch.from_numpy(sc.image).permute(2, 0, 1).float())
         targets.append({"boxes": torch.from_numpy(sc.boxes), "labels": torch.from_numpy(sc.labels)})
     return images, targets

@@ -56,6 +56,15 @@ def test_scenes_are_varied_and_occluded():
     assert overlapping > 0  # partly occluded objects stay labelled
 
 
+def test_size_range_option():
+    for seed in range(10):
+        b = render_scene(seed, 96, 128, size_range=(20, 30)).boxes
+        assert (np.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) >= 12).all()
+        assert (np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) <= 43).all()
+    with pytest.raises(ValueError):
+        render_scene(0, size_range=(10, 5))
+
+
 def _write(tmp_path, name="ds", **kw):
     args = {"num_images": 10, "seed": 1, "height": 48, "width": 64, "progress": False, **kw}
     return write_synthetic_dataset(tmp_path / name, **args)
