@@ -9,6 +9,7 @@ from dynadet.models.chain import Chain
 from dynadet.models.detector import OneStageDetector
 from dynadet.models.dyhead import DyHead
 from dynadet.models.fcos import FCOSHead
+from dynadet.models.fcos_routing import FCOSRoutingHead
 from dynadet.models.fpn import FPN
 from dynadet.models.preprocess import Preprocessor
 from dynadet.models.priors import AnchorGenerator
@@ -22,6 +23,7 @@ REGISTRY: dict[str, Callable] = {
     "Chain": Chain,
     "DyHead": DyHead,
     "FCOSHead": FCOSHead,
+    "FCOSRoutingHead": FCOSRoutingHead,
     "ATSSHead": ATSSHead,
     "RetinaNetHead": RetinaNetHead,
     "AnchorGenerator": AnchorGenerator,

@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dynadet.models.assigners import atss_assign
-from dynadet.models.dense_head import TowerHead, concat_levels, flatten_level, reduce_mean
+from dynadet.models.dense_head import (
+    TowerHead,
+    concat_levels,
+    dense_targets,
+    flatten_level,
+    reduce_mean,
+)
 from dynadet.models.fcos import centerness_target
 from dynadet.models.priors import AnchorGenerator, anchor_centers
 from dynadet.ops.boxes import BoxCoder, bbox2distance
@@ -95,22 +101,16 @@ class ATSSHead(TowerHead):
         ctr = concat_levels(outputs["ctr"], 1)[..., 0]
         anchors = torch.cat(priors)
         num_per_level = [p.shape[0] for p in priors]
-        cls_target = torch.zeros_like(cls)
-        fg_masks, gt_list = [], []
-        for i, t in enumerate(targets):
-            matched = atss_assign(anchors, num_per_level, t["boxes"], self.topk)
-            fg = matched >= 0
-            cls_target[i, fg, t["labels"][matched[fg]]] = 1.0
-            fg_masks.append(fg)
-            gt_list.append(t["boxes"][matched.clamp(min=0)] if t["boxes"].numel() else anchors)
-        fg_mask = torch.stack(fg_masks)
+        cls_target, fg_mask, gt_boxes = dense_targets(
+            cls, targets, lambda boxes: atss_assign(anchors, num_per_level, boxes, self.topk)
+        )
         num_pos = reduce_mean(fg_mask.sum().to(cls.dtype)).clamp(min=1.0)
         loss_cls = (
             sigmoid_focal_loss(cls, cls_target, self.focal_alpha, self.focal_gamma, reduction="sum")
             / num_pos
         )
 
-        gt_fg = torch.stack(gt_list)[fg_mask]
+        gt_fg = gt_boxes[fg_mask]
         anchors_fg = anchors.expand(fg_mask.shape[0], -1, -1)[fg_mask]
         pred_boxes = self.box_coder.decode(reg[fg_mask], anchors_fg)
         ctr_target = centerness_target(bbox2distance(anchor_centers(anchors_fg), gt_fg))

@@ -7,7 +7,7 @@ assignment, losses and box decoding.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -224,14 +224,38 @@ class TowerHead(nn.Module):
         return results
 
 
+def dense_targets(
+    cls: Tensor,
+    targets: Sequence[dict[str, Tensor]],
+    assign: Callable[[Tensor], Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image assignment → one-hot class targets, foreground mask and matched boxes.
+
+    Args:
+        cls: ``Tensor[N, M, C]`` class logits (for shape and dtype).
+        targets: per image ``boxes [G, 4]`` and ``labels [G]``.
+        assign: ``boxes [G, 4] → LongTensor[M]`` box index per prior, negative for background.
+
+    Returns:
+        ``cls_target [N, M, C]``, ``fg_mask [N, M]`` and ``gt_boxes [N, M, 4]`` (the matched box of
+        each prior; zeros where there is none).
+    """
+    cls_target = torch.zeros_like(cls)
+    fg_masks, boxes = [], []
+    for i, t in enumerate(targets):
+        matched = assign(t["boxes"])
+        fg = matched >= 0
+        cls_target[i, fg, t["labels"][matched[fg]]] = 1.0
+        fg_masks.append(fg)
+        if t["boxes"].numel():
+            boxes.append(t["boxes"][matched.clamp(min=0)])
+        else:
+            boxes.append(cls.new_zeros(matched.shape[0], 4))
+    return cls_target, torch.stack(fg_masks), torch.stack(boxes)
+
+
 def concat_levels(outputs: Sequence[Tensor], k: int) -> Tensor:
     """Flatten each level to ``[N, M_l, k]`` and concatenate to ``[N, M, k]``."""
     return torch.cat([flatten_level(x, k) for x in outputs], dim=1)
 
 
-def one_hot_targets(labels: Tensor, matched_fg: Tensor, num_classes: int) -> Tensor:
-    """``[M, C]`` float one-hot rows for foreground priors, zeros elsewhere."""
-    target = labels.new_zeros((matched_fg.shape[0], num_classes), dtype=torch.float32)
-    fg = matched_fg.nonzero(as_tuple=True)[0]
-    target[fg, labels[fg]] = 1.0
-    return target

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dynadet.models.assigners import fcos_assign
-from dynadet.models.dense_head import TowerHead, concat_levels, flatten_level, reduce_mean
+from dynadet.models.dense_head import (
+    TowerHead,
+    concat_levels,
+    dense_targets,
+    flatten_level,
+    reduce_mean,
+)
 from dynadet.models.priors import AnchorGenerator, anchor_centers
 from dynadet.ops.boxes import bbox2distance, distance2bbox
 from dynadet.ops.losses import giou_loss, iou_loss, sigmoid_focal_loss
@@ -147,23 +153,13 @@ class FCOSHead(TowerHead):
                 for r, p in zip(self.regress_ranges, priors, strict=True)
             ]
         )
-        cls_target = torch.zeros_like(cls)
-        fg_masks, box_targets = [], []
-        for i, t in enumerate(targets):
-            matched = fcos_assign(
-                points,
-                sizes,
-                ranges,
-                t["boxes"],
-                self.center_sampling_radius,
-                self.range_inclusive,
-            )
-            fg = matched >= 0
-            gt = t["boxes"][matched.clamp(min=0)] if t["boxes"].numel() else all_priors * 0
-            cls_target[i, fg, t["labels"][matched[fg]]] = 1.0
-            fg_masks.append(fg)
-            box_targets.append(gt)
-        fg_mask = torch.stack(fg_masks)
+        cls_target, fg_mask, gt_boxes = dense_targets(
+            cls,
+            targets,
+            lambda boxes: fcos_assign(
+                points, sizes, ranges, boxes, self.center_sampling_radius, self.range_inclusive
+            ),
+        )
         num_pos = reduce_mean(fg_mask.sum().to(cls.dtype)).clamp(min=1.0)
 
         loss_cls = (
@@ -171,7 +167,7 @@ class FCOSHead(TowerHead):
             / num_pos
         )
 
-        gt_fg = torch.stack(box_targets)[fg_mask]
+        gt_fg = gt_boxes[fg_mask]
         pts_fg = points.expand(fg_mask.shape[0], -1, -1)[fg_mask]
         pred_boxes = self.decode(reg, all_priors)[fg_mask]
         ctr_target = centerness_target(bbox2distance(pts_fg, gt_fg))

@@ -50,10 +50,10 @@ __all__ = [
 GN_MODES = ("masked", "dense")
 
 # Fraction of active output pixels above which the dense conv is used. Measured with
-# benchmarks/masked_conv.py (256→256 3×3 + GN on 100×168, 1 CPU thread): the sparse path costs
-# about 0.95× the dense one at 50 % and loses above ~55 %; on a GPU cuDNN wins earlier, but the
-# same value keeps the worst case near the dense time.
-DEFAULT_DENSE_THRESHOLD = 0.5
+# benchmarks/masked_conv.py (256→256 3×3 + GN on 100×168, 1 CPU thread, random masks): the
+# gather path takes ~0.7× the dense time at 50 %, ~1.0× at 60–70 % and ~1.5× at 100 %. On a GPU
+# the crossover is probably lower (cuDNN vs gather + GEMM): measure with ``--device cuda``.
+DEFAULT_DENSE_THRESHOLD = 0.65
 
 # Rows per gather/GEMM chunk: a [rows, C] slice of 256 channels is 4 MB in float32, small enough
 # to be reused by the allocator instead of page-faulted in for every tap.
@@ -154,18 +154,26 @@ def masked_group_norm(
     n, c, h, w = x.shape
     if c % num_groups:
         raise ValueError(f"channels ({c}) not divisible by num_groups ({num_groups})")
-    m = _as_mask(mask, x, (h, w)).to(x.dtype)[:, None, None]  # [N, 1, 1, H, W]
-    xg = x.reshape(n, num_groups, c // num_groups, h, w)
-    count = (m.sum(dim=(2, 3, 4)) * (c // num_groups)).clamp(min=1)  # [N, 1]
-    mean = (xg * m).sum(dim=(2, 3, 4)) / count
-    centred = xg - mean[..., None, None, None]
-    var = (centred.square() * m).sum(dim=(2, 3, 4)) / count
-    out = (centred * (var + eps).rsqrt()[..., None, None, None]).reshape(n, c, h, w)
+    cg = c // num_groups
+    m = _as_mask(mask, x, (h, w)).to(x.dtype).reshape(n, h * w, 1)
+    flat = x.reshape(n, c, h * w)
+    count = (m.sum(dim=(1, 2)) * cg).clamp(min=1)[:, None]  # [N, 1]
+    # Masked sums as batched mat-vecs: one read of the map, no [N, C, H, W] temporaries.
+    mean = torch.bmm(flat, m).view(n, num_groups, cg).sum(-1) / count  # [N, G]
+    mean_c = mean.repeat_interleave(cg, dim=1)[..., None]  # [N, C, 1]
+    # Two-pass variance (as F.group_norm's accuracy); the squares are the only temporary.
+    squares = (flat - mean_c).square_()
+    var = torch.bmm(squares, m).view(n, num_groups, cg).sum(-1) / count
+    del squares
+    scale = (var + eps).rsqrt().repeat_interleave(cg, dim=1)[..., None]  # [N, C, 1]
     if weight is not None:
-        out = out * weight[:, None, None]
+        scale = scale * weight[:, None]
+    shift = -mean_c * scale
     if bias is not None:
-        out = out + bias[:, None, None]
-    return out * m.reshape(n, 1, h, w)
+        shift = shift + bias[:, None]
+    # Per-channel affine, then zero the inactive pixels: two passes over the map.
+    out = torch.addcmul(shift, flat, scale).mul_(m.view(n, 1, h * w))
+    return out.view(n, c, h, w)
 
 
 def _sparse_conv_rows(
@@ -184,7 +192,12 @@ def _sparse_conv_rows(
         raise ValueError(f"weight expects {c_in} input channels, input has {c}")
     ph, pw = padding
     hp, wp = h + 2 * ph, w + 2 * pw
-    padded = x.new_zeros(n, hp, wp, c)
+    # Only the border is zeroed: filling the whole buffer first would cost one more pass.
+    padded = x.new_empty(n, hp, wp, c)
+    padded[:, :ph].zero_()
+    padded[:, ph + h :].zero_()
+    padded[:, ph : ph + h, :pw].zero_()
+    padded[:, ph : ph + h, pw + w :].zero_()
     padded[:, ph : ph + h, pw : pw + w] = x.permute(0, 2, 3, 1)
     source = padded.view(n * hp * wp, c)
     ho, wo = out_hw
@@ -211,7 +224,7 @@ def _sparse_conv_rows(
 def _scatter(rows: Tensor, active: Tensor, n: int, out_hw: tuple[int, int]) -> Tensor:
     """Rows ``[K, C]`` at flat positions → ``[N, C, Ho, Wo]`` (channels-last strides), else 0."""
     ho, wo = out_hw
-    out = rows.new_zeros(n * ho * wo, rows.shape[1]).index_copy(0, active, rows)
+    out = rows.new_zeros(n * ho * wo, rows.shape[1]).index_copy_(0, active, rows)
     return out.view(n, ho, wo, rows.shape[1]).permute(0, 3, 1, 2)
 
 
@@ -260,20 +273,23 @@ def masked_conv_gn(
     active = m.reshape(-1).nonzero().squeeze(1)
     total = m.numel()
     if gn_mode == "dense" or active.shape[0] > dense_threshold * total:
+        # Every pixel active: masked statistics are the whole-map ones and nothing is zeroed.
+        zeroed = active.shape[0] == total
         out = F.conv2d(x, weight, bias, padding=padding, dilation=dilation)
-        if norm is not None and gn_mode == "dense":
+        if norm is not None and (gn_mode == "dense" or zeroed):
             out = F.group_norm(out, norm.num_groups, norm.weight, norm.bias, norm.eps)
         elif norm is not None:
             out = masked_group_norm(
                 out, m[:, None], norm.num_groups, norm.weight, norm.bias, norm.eps
             )
+            zeroed = True
         if relu:
-            out = F.relu(out)
-        return out * m[:, None].to(out.dtype)
+            out = F.relu(out, inplace=zeroed)  # in place only on our own fresh tensor
+        return out if zeroed else out * m[:, None].to(out.dtype)
     rows = _sparse_conv_rows(x, active, weight, bias, padding, dilation, out_hw)
     if norm is not None:
         image = active // (out_hw[0] * out_hw[1])
-        counts = m.reshape(n, -1).sum(1)
+        counts = m.flatten(1).sum(1)
         rows = _group_norm_rows(
             rows, image, counts, norm.num_groups, norm.weight, norm.bias, norm.eps
         )

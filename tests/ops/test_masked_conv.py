@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,16 @@ from dynadet.ops.masked_conv import (
 )
 
 SPARSE, DENSE = 2.0, 0.0  # dense_threshold values forcing each path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine every OpenMP region waits
+    for a descheduled worker (10× slower); restore the setting for the other test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def loop_masked_conv(
@@ -104,7 +116,13 @@ def test_conv_equals_dense_conv_times_mask(n: int, density: float, threshold: fl
 
 @pytest.mark.parametrize(
     ("padding", "dilation", "k", "hw"),
-    [(1, 1, 3, (7, 11)), (2, 2, 3, (8, 5)), (0, 1, 3, (9, 10)), (0, 1, 1, (5, 6)), (2, 1, 5, (7, 7))],
+    [
+        (1, 1, 3, (7, 11)),
+        (2, 2, 3, (8, 5)),
+        (0, 1, 3, (9, 10)),
+        (0, 1, 1, (5, 6)),
+        (2, 1, 5, (7, 7)),
+    ],
 )
 def test_conv_geometry_against_loop(
     padding: int, dilation: int, k: int, hw: tuple[int, int]
@@ -243,20 +261,24 @@ def test_module_dense_and_masked_paths() -> None:
         torch.testing.assert_close(conv(x, mask, "dense"), dense * mask, atol=1e-5, rtol=1e-5)
 
 
-def test_gradients_through_sparse_path() -> None:
-    x, weight, bias = make(2, 4, 5, 6, 4, seed=2)
+@pytest.mark.parametrize("threshold", [SPARSE, DENSE])
+def test_gradients_through_sparse_and_dense_paths(threshold: float) -> None:
+    x, weight, _ = make(2, 4, 4, 5, 4, seed=2)
     norm = gn_module(4, 2).double()
-    mask = random_mask(2, 5, 6, 0.5, seed=8)
-    params = (x.double().requires_grad_(), weight.double().requires_grad_(),
-              norm.weight.detach().clone().requires_grad_(),
-              norm.bias.detach().clone().requires_grad_())
+    mask = random_mask(2, 4, 5, 0.5, seed=8)
+    params = (
+        x.double().requires_grad_(),
+        weight.double().requires_grad_(),
+        norm.weight.detach().clone().requires_grad_(),
+        norm.bias.detach().clone().requires_grad_(),
+    )
 
     def fn(xx, ww, gw, gb):
-        gn = nn.GroupNorm(2, 4).double()
-        gn.weight, gn.bias = nn.Parameter(gw), nn.Parameter(gb)
-        return masked_conv_gn(xx, mask, ww, None, gn, relu=False, dense_threshold=SPARSE)
+        # Only num_groups / weight / bias / eps are read from the norm.
+        gn = SimpleNamespace(num_groups=2, weight=gw, bias=gb, eps=1e-5)
+        return masked_conv_gn(xx, mask, ww, None, gn, relu=True, dense_threshold=threshold)
 
-    assert torch.autograd.gradcheck(fn, params, eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(fn, params, eps=1e-6, atol=1e-6, fast_mode=True)
 
 
 def test_large_batch_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -279,3 +301,16 @@ def test_bad_inputs() -> None:
         masked_conv_gn(x, torch.ones(2, 1, 6, 6), weight, gn_mode="sparse")
     with pytest.raises(ValueError, match="input channels"):
         masked_conv2d(x, torch.ones(2, 1, 6, 6), weight[:, :2], dense_threshold=SPARSE)
+
+
+def test_empty_batch_and_channels_last_input() -> None:
+    x, weight, bias = make(2, 4, 5, 6, 4, seed=3)
+    norm = gn_module(4, 2)
+    empty = torch.zeros(0, 1, 5, 6, dtype=torch.bool)
+    for threshold in (SPARSE, DENSE):
+        out = masked_conv_gn(x[:0], empty, weight, bias, norm, True, dense_threshold=threshold)
+        assert out.shape == (0, 4, 5, 6)
+    mask = random_mask(2, 5, 6, 0.5, seed=2)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    out = masked_conv2d(x_cl, mask, weight, bias, dense_threshold=SPARSE)
+    torch.testing.assert_close(out, F.conv2d(x, weight, bias, padding=1) * mask)
