@@ -69,8 +69,9 @@ class Prediction:
     def above(self, min_score: float) -> Prediction:
         """The detections scoring at least ``min_score``."""
         keep = self.scores >= min_score
-        return Prediction(self.boxes[keep], self.scores[keep], self.labels[keep],
-                          self.class_names, self.image)
+        return Prediction(
+            self.boxes[keep], self.scores[keep], self.labels[keep], self.class_names, self.image
+        )
 
     @property
     def names(self) -> list[str]:
@@ -184,7 +185,10 @@ class Detector:
         return result
 
     def evaluate(
-        self, ann_file: str | Path, image_dir: str | Path, batch_size: int = 2,
+        self,
+        ann_file: str | Path,
+        image_dir: str | Path,
+        batch_size: int = 2,
         output_dir: str | Path | None = None,
     ):
         """COCO-evaluate on a data set; returns an ``EvalResult`` (``.metrics``, ``.per_class``)."""
@@ -194,8 +198,15 @@ class Detector:
 
         dataset = CocoDetection(ann_file, image_dir, filter_empty=False)
         loader = build_eval_loader(dataset, batch_size=batch_size)
-        return evaluate(self.model, loader, dataset.coco, dataset.category_ids,
-                        dataset.class_names, output_dir=output_dir, device=self.device)
+        return evaluate(
+            self.model,
+            loader,
+            dataset.coco,
+            dataset.category_ids,
+            dataset.class_names,
+            output_dir=output_dir,
+            device=self.device,
+        )
 
     def save(self, path: str | Path) -> Path:
         return save_checkpoint(path, self.model.state_dict(), self.config, self.class_names)

@@ -252,7 +252,7 @@ class Trainer:
         ckpt_period = int(t.get("checkpoint_period", 0)) or self.max_iters
         self.eval_period = int(t.get("eval_period", 0))
         if t.get("num_evals"):
-            self.eval_period = max(1, self.max_iters // int(t["num_evals"]))
+            self.eval_period = -(-self.max_iters // int(t["num_evals"]))  # ceil: last eval at end
         log_period = max(1, int(t.get("log_period", 20)))
         self.last_saved: Path | None = None
         bar = tqdm(
@@ -323,7 +323,7 @@ class Trainer:
         self.scheduler.last_epoch = done - 1
         self.scheduler.step()
         if self.tcfg.get("num_evals"):
-            self.eval_period = max(1, new_max // int(self.tcfg["num_evals"]))
+            self.eval_period = -(-new_max // int(self.tcfg["num_evals"]))
         bar.total = new_max
         bar.refresh()
 

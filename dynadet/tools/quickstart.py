@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/quickstart", help="run folder")
     parser.add_argument("--minutes", type=float, default=8.0, help="training time budget")
     parser.add_argument("--images", type=int, default=800, help="synthetic images to generate")
+    parser.add_argument("--size", type=int, nargs=2, default=(192, 240), metavar=("H", "W"),
+                        help="mean synthetic image size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", default="quickstart", help="preset or YAML to train")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
@@ -35,13 +37,15 @@ def run(args: argparse.Namespace, overrides: list[str] | None = None) -> dict[st
 
     out = Path(args.out)
     t0 = time.perf_counter()
-    paths = write_synthetic_dataset(out / "data", args.images, seed=args.seed)
+    paths = write_synthetic_dataset(out / "data", args.images, seed=args.seed,
+                                    height=args.size[0], width=args.size[1])
     data_s = time.perf_counter() - t0
     cfg = load_config(args.config, list(overrides or []))
     cfg["data"]["train"] = {"ann_file": str(paths["train"]), "image_dir": str(paths["images"])}
     cfg["data"]["val"] = {"ann_file": str(paths["val"]), "image_dir": str(paths["images"])}
     cfg["train"]["time_budget_s"] = float(args.minutes) * 60
-    cfg["train"].setdefault("num_evals", 4)
+    if not cfg["train"].get("num_evals"):
+        cfg["train"]["num_evals"] = 4
     cfg["train"]["seed"] = args.seed
     print(f"data: {paths['train']} / {paths['val']} ({data_s:.1f} s)")
     result = train(cfg, out, resume=False, device=args.device)

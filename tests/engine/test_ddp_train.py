@@ -23,6 +23,7 @@ TINY = [
     "model.preprocess.min_size=64", "model.preprocess.max_size=96",
     "model.neck.out_channels=32", "model.head.in_channels=32",
     "model.head.feat_channels=32", "model.head.num_convs=1",
+    "model.backbone.norm=gn",  # batch statistics would differ per rank
 ]  # fmt: skip
 
 

@@ -133,9 +133,10 @@ def test_unwritable_output_folder_fails_before_training(data_dir, tmp_path):
 
 def test_lr_schedule_is_logged_with_warmup(data_dir, tmp_path):
     run = tmp_path / "lr"
-    train(tiny_cfg(data_dir, ["train.schedule=multistep", "train.steps=[4]"]), run)
+    cfg = tiny_cfg(data_dir, ["train.schedule=multistep", "train.steps=[4]"])
+    base = cfg["train"]["lr"]
+    train(cfg, run)
     lrs = [r["lr"] for r in read_metrics(run / "metrics.jsonl") if r["type"] == "train"]
-    base = 0.002
     # logged after each step: warm-up (2 its, factor 0.01 → 1), then ×0.1 from iteration 4
     assert lrs[0] == pytest.approx(base * (0.01 * 0.5 + 0.5))
     assert lrs[1] == pytest.approx(base)

@@ -197,7 +197,9 @@ def test_shape_and_backend_errors() -> None:
 
 def test_torchvision_probe_failure_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     nms_module._torchvision_nms.cache_clear()
-    monkeypatch.setitem(__import__("sys").modules, "torchvision", None)  # import raises
+    modules = __import__("sys").modules
+    monkeypatch.setitem(modules, "torchvision", None)  # import raises
+    monkeypatch.setitem(modules, "torchvision.ops", None)  # even if it was imported before
     try:
         assert not torchvision_available()
         boxes, scores, _ = detector_like(50, 1, seed=50, size=200.0)
