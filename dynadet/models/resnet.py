@@ -155,6 +155,8 @@ class ResNet(nn.Module):
             True)``.
         dcn_deform_groups: offset groups of the DCN convs.
         zero_init_residual: zero the last norm weight of each block (torchvision option).
+        base_width: channels of the stem and of the first stage's blocks (64 in every released
+            ResNet; smaller values make narrow backbones for training from scratch on a CPU).
     """
 
     def __init__(
@@ -169,6 +171,7 @@ class ResNet(nn.Module):
         dcn_stages: Sequence[bool] = (False, False, False, False),
         dcn_deform_groups: int = 1,
         zero_init_residual: bool = False,
+        base_width: int = 64,
     ) -> None:
         super().__init__()
         if depth not in _STAGE_BLOCKS:
@@ -192,15 +195,15 @@ class ResNet(nn.Module):
         self.norm_eval = norm_eval
         block = BasicBlock if depth < 50 else Bottleneck
 
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = build_norm(norm, 64, norm_eps)
+        self.conv1 = nn.Conv2d(3, base_width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = build_norm(norm, base_width, norm_eps)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
 
-        in_ch = 64
+        in_ch = base_width
         stage_channels = []
         for i, num_blocks in enumerate(_STAGE_BLOCKS[depth]):
-            planes = 64 * 2**i
+            planes = base_width * 2**i
             blocks = []
             for j in range(num_blocks):
                 stride = 2 if (i > 0 and j == 0) else 1

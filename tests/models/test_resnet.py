@@ -384,3 +384,12 @@ def test_dcn_stages_build_and_run() -> None:
         torch.testing.assert_close(
             dcn(feat), 0.5 * F.conv2d(feat, dcn.weight, stride=2, padding=1), rtol=1e-4, atol=1e-4
         )
+
+
+def test_base_width_scales_every_stage() -> None:
+    narrow = ResNet(depth=18, base_width=16, out_indices=(0, 1, 2, 3), norm="bn")
+    assert narrow.out_channels == [16, 32, 64, 128]
+    outs = narrow(torch.zeros(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [16, 32, 64, 128]
+    wide = ResNet(depth=50, base_width=32, out_indices=(3,), norm="bn")
+    assert wide.out_channels == [1024]
