@@ -244,7 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", help="weight format, e.g. torchvision")
     c.add_argument("src", help="source weights (.pth)")
     c.add_argument("dst", help="output checkpoint (.safetensors file or folder)")
-    c.add_argument("--arch", required=True, help="architecture of the source weights")
+    c.add_argument(
+        "--arch",
+        default=None,
+        help="architecture of the source weights: a torchvision model name (required for "
+        "torchvision) or a preset/config (optional for the other sources: found from the keys)",
+    )
     c.set_defaults(func=cmd_convert)
 
     d = sub.add_parser("data", help="data set tools")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from importlib import import_module
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -167,4 +169,20 @@ def _without_bn_counters(module: torch.nn.Module) -> torch.nn.Module:
     return _View()
 
 
-CONVERTERS: dict[str, Callable[..., Path]] = {"torchvision": convert_torchvision_file}
+def _lazy(module: str, name: str) -> Callable[..., Path]:
+    """A converter imported on first use (those modules import this one)."""
+
+    def run(src: str | Path, dst: str | Path, arch: Any = None) -> Path:
+        return getattr(import_module(module), name)(src, dst, arch=arch)
+
+    run.__doc__ = f"See ``{module}.{name}``."
+    return run
+
+
+CONVERTERS: dict[str, Callable[..., Path]] = {
+    "torchvision": convert_torchvision_file,
+    # arch optional below: a preset name, YAML path or config mapping; None = from the keys
+    "dyhead-official": _lazy("dynadet.tools.convert_dyhead", "convert_dyhead_official_file"),
+    "mmdet": _lazy("dynadet.tools.convert_dyhead", "convert_mmdet_file"),  # ATSS + DyHead
+    "fgdh-official": _lazy("dynadet.tools.convert_fgdh", "convert_fgdh_file"),
+}

@@ -18,7 +18,7 @@ from dynadet.config import load_config
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/quickstart", help="run folder")
-    parser.add_argument("--minutes", type=float, default=8.0, help="training time budget")
+    parser.add_argument("--minutes", type=float, default=9.0, help="training time budget")
     parser.add_argument("--images", type=int, default=800, help="synthetic images to generate")
     parser.add_argument("--size", type=int, nargs=2, default=(192, 240), metavar=("H", "W"),
                         help="mean synthetic image size")

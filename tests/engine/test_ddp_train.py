@@ -16,7 +16,7 @@ from torch import nn
 from dynadet.api import build_model
 from dynadet.config import load_config
 from dynadet.data.synthetic import render_scene
-from dynadet.engine.distributed import cleanup, init_distributed
+from dynadet.engine.distributed import cleanup
 
 WORLD = 2
 TINY = [
@@ -54,11 +54,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, empty: bool, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, rendezvous: str, empty: bool, out: str) -> None:
     torch.set_num_threads(1)
-    init_distributed(backend="gloo", timeout=datetime.timedelta(seconds=60))
+    # a file rendezvous: no TCP port that a neighbouring test could still hold
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         model = _model()
         ddp = nn.parallel.DistributedDataParallel(model)
@@ -68,6 +70,8 @@ def _worker(rank: int, port: int, empty: bool, out: str) -> None:
         sum(losses.values()).backward()
         if rank == 0:
             torch.save(_grads(model), out)
+        # nobody tears the group down while the other rank still talks to it
+        torch.distributed.barrier()
     finally:
         cleanup()
 
@@ -80,7 +84,8 @@ def test_ddp_gradients_equal_single_process(tmp_path: Path, empty: bool) -> None
     single = _grads(model)
 
     out = tmp_path / "grads.pt"
-    ctx = mp.spawn(_worker, args=(_free_port(), empty, str(out)), nprocs=WORLD, join=False)
+    rendezvous = str(tmp_path / "rendezvous")
+    ctx = mp.spawn(_worker, args=(rendezvous, empty, str(out)), nprocs=WORLD, join=False)
     for p in ctx.processes:
         p.join(120)
     alive = [p for p in ctx.processes if p.is_alive()]
