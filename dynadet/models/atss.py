@@ -6,21 +6,20 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from dynadet.models.assigners import atss_assign
 from dynadet.models.dense_head import (
     TowerHead,
+    centerness_losses,
     concat_levels,
     dense_targets,
     flatten_level,
-    reduce_mean,
 )
 from dynadet.models.fcos import centerness_target
 from dynadet.models.priors import AnchorGenerator, anchor_centers
 from dynadet.ops.boxes import BoxCoder, bbox2distance
-from dynadet.ops.losses import giou_loss, sigmoid_focal_loss
+from dynadet.ops.losses import giou_loss
 
 
 class ATSSHead(TowerHead):
@@ -104,26 +103,17 @@ class ATSSHead(TowerHead):
         cls_target, fg_mask, gt_boxes = dense_targets(
             cls, targets, lambda boxes: atss_assign(anchors, num_per_level, boxes, self.topk)
         )
-        num_pos = reduce_mean(fg_mask.sum().to(cls.dtype)).clamp(min=1.0)
-        loss_cls = (
-            sigmoid_focal_loss(cls, cls_target, self.focal_alpha, self.focal_gamma, reduction="sum")
-            / num_pos
-        )
-
         gt_fg = gt_boxes[fg_mask]
         anchors_fg = anchors.expand(fg_mask.shape[0], -1, -1)[fg_mask]
         pred_boxes = self.box_coder.decode(reg[fg_mask], anchors_fg)
         ctr_target = centerness_target(bbox2distance(anchor_centers(anchors_fg), gt_fg))
-        denom = reduce_mean(ctr_target.sum().detach()).clamp(min=1.0)
-        loss_box = (giou_loss(pred_boxes, gt_fg, reduction="none") * ctr_target).sum() / denom
-        loss_ctr = (
-            F.binary_cross_entropy_with_logits(ctr[fg_mask], ctr_target, reduction="sum") / num_pos
-        )
-        return {
-            "loss_cls": loss_cls,
-            "loss_box": loss_box * self.box_loss_weight,
-            "loss_ctr": loss_ctr,
-        }
+        losses = centerness_losses(
+            cls, cls_target, fg_mask, giou_loss(pred_boxes, gt_fg, reduction="none"),
+            ctr[fg_mask], ctr_target, self.focal_alpha, self.focal_gamma,
+            weight_by_centerness=True, min_centerness_sum=1.0,
+        )  # fmt: skip
+        losses["loss_box"] = losses["loss_box"] * self.box_loss_weight
+        return losses
 
     def predict(
         self,

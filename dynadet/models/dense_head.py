@@ -11,11 +11,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynadet.models.norm import build_norm
 from dynadet.models.priors import AnchorGenerator
 from dynadet.ops.boxes import clip_boxes
+from dynadet.ops.losses import sigmoid_focal_loss
 from dynadet.ops.nms import batched_nms
 
 
@@ -252,6 +254,42 @@ def dense_targets(
         else:
             boxes.append(cls.new_zeros(matched.shape[0], 4))
     return cls_target, torch.stack(fg_masks), torch.stack(boxes)
+
+
+def centerness_losses(
+    cls: Tensor,
+    cls_target: Tensor,
+    fg_mask: Tensor,
+    per_box: Tensor,
+    ctr_logits: Tensor,
+    ctr_target: Tensor,
+    focal_alpha: float,
+    focal_gamma: float,
+    weight_by_centerness: bool,
+    min_centerness_sum: float,
+) -> dict[str, Tensor]:
+    """Focal, box and centerness losses of FCOS/ATSS-style heads.
+
+    Args:
+        cls, cls_target: ``Tensor[N, M, C]`` logits and one-hot targets.
+        fg_mask: ``Tensor[N, M]`` foreground priors (``P`` of them).
+        per_box: ``Tensor[P]`` box loss of each positive (GIoU or IoU loss).
+        ctr_logits, ctr_target: ``Tensor[P]`` centerness logits and targets of the positives.
+        weight_by_centerness: weight the box loss by the centerness target and divide by its
+            sum (MMDetection; clamped below at ``min_centerness_sum``) rather than by the number
+            of positives (torchvision).
+
+    Normalisers are averaged over distributed ranks, so DDP gradients equal a single process's.
+    """
+    num_pos = reduce_mean(fg_mask.sum().to(cls.dtype)).clamp(min=1.0)
+    loss_cls = sigmoid_focal_loss(cls, cls_target, focal_alpha, focal_gamma, reduction="sum")
+    if weight_by_centerness:
+        denom = reduce_mean(ctr_target.sum().detach()).clamp(min=min_centerness_sum)
+        loss_box = (per_box * ctr_target).sum() / denom
+    else:
+        loss_box = per_box.sum() / num_pos
+    loss_ctr = F.binary_cross_entropy_with_logits(ctr_logits, ctr_target, reduction="sum")
+    return {"loss_cls": loss_cls / num_pos, "loss_box": loss_box, "loss_ctr": loss_ctr / num_pos}
 
 
 def concat_levels(outputs: Sequence[Tensor], k: int) -> Tensor:

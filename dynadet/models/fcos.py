@@ -11,14 +11,14 @@ from torch import Tensor
 from dynadet.models.assigners import fcos_assign
 from dynadet.models.dense_head import (
     TowerHead,
+    centerness_losses,
     concat_levels,
     dense_targets,
     flatten_level,
-    reduce_mean,
 )
 from dynadet.models.priors import AnchorGenerator, anchor_centers
 from dynadet.ops.boxes import bbox2distance, distance2bbox
-from dynadet.ops.losses import giou_loss, iou_loss, sigmoid_focal_loss
+from dynadet.ops.losses import giou_loss, iou_loss
 
 INF = float("inf")
 DEFAULT_RANGES = ((-1, 64), (64, 128), (128, 256), (256, 512), (512, INF))
@@ -160,13 +160,6 @@ class FCOSHead(TowerHead):
                 points, sizes, ranges, boxes, self.center_sampling_radius, self.range_inclusive
             ),
         )
-        num_pos = reduce_mean(fg_mask.sum().to(cls.dtype)).clamp(min=1.0)
-
-        loss_cls = (
-            sigmoid_focal_loss(cls, cls_target, self.focal_alpha, self.focal_gamma, reduction="sum")
-            / num_pos
-        )
-
         gt_fg = gt_boxes[fg_mask]
         pts_fg = points.expand(fg_mask.shape[0], -1, -1)[fg_mask]
         pred_boxes = self.decode(reg, all_priors)[fg_mask]
@@ -175,19 +168,12 @@ class FCOSHead(TowerHead):
             per_box = giou_loss(pred_boxes, gt_fg, reduction="none")
         else:
             per_box = iou_loss(pred_boxes, gt_fg, mode="log", reduction="none")
-        if self.centerness_weighted:
-            denom = reduce_mean(ctr_target.sum().detach()).clamp(min=1e-6)
-            loss_box = (per_box * ctr_target).sum() / denom
-        else:
-            loss_box = per_box.sum() / num_pos
-        loss_ctr = (
-            F.binary_cross_entropy_with_logits(ctr[fg_mask], ctr_target, reduction="sum") / num_pos
-        )
-        return {
-            "loss_cls": loss_cls,
-            "loss_box": loss_box * self.box_loss_weight,
-            "loss_ctr": loss_ctr,
-        }
+        losses = centerness_losses(
+            cls, cls_target, fg_mask, per_box, ctr[fg_mask], ctr_target, self.focal_alpha,
+            self.focal_gamma, self.centerness_weighted, min_centerness_sum=1e-6,
+        )  # fmt: skip
+        losses["loss_box"] = losses["loss_box"] * self.box_loss_weight
+        return losses
 
     def predict(
         self,
