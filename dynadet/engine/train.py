@@ -48,10 +48,12 @@ def build_datasets(cfg: dict[str, Any], train: bool = True):
     from dynadet.data.transforms import build_transforms
 
     data = cfg.get("data") or {}
-    split = data.get("train" if train else "val")
-    if not split:
+    name = "train" if train else "val"
+    split = data.get(name) or {}
+    if not split.get("ann_file") or not split.get("image_dir"):
         raise ValueError(
-            f"config has no data.{'train' if train else 'val'} section (ann_file and image_dir)"
+            f"no {name} data set: set data.{name}.ann_file=PATH/TO/COCO.json and "
+            f"data.{name}.image_dir=PATH/TO/IMAGES (e.g. from `dynadet data synth OUT`)"
         )
     return CocoDetection(
         split["ann_file"],

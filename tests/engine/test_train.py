@@ -191,3 +191,9 @@ def test_python_api_train_evaluate_predict(data_dir, tmp_path):
     image = next((data_dir["images"]).glob("*.png"))
     pred = det.predict(image)
     assert pred.boxes.shape[1] == 4 and len(pred.names) == len(pred)
+
+
+def test_missing_data_paths_say_what_to_set(tmp_path, capsys):
+    assert cli_main(["train", "quickstart", f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.train.ann_file" in err and "data.train.image_dir" in err
