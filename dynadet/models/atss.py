@@ -35,6 +35,11 @@ class ATSSHead(TowerHead):
         box_stds: delta normalisation.
         box_loss_weight: GIoU weight (2.0).
         pred_kernel_size: 3 (MMDetection ATSS) or 1 (DyHead's ATSS, towers removed).
+        scoring: ``"mmdet"`` — keep class probabilities above ``score_thresh``, rank the top
+            ``nms_pre`` per level by them, then multiply by centerness (MMDetection);
+            ``"official"`` — keep class probabilities above ``score_thresh``, rank by
+            class × centerness (the official ATSS / DyHead code that produced the released
+            weights).
 
     Shapes: as :class:`dynadet.models.fcos.FCOSHead`.
     """
@@ -61,7 +66,10 @@ class ATSSHead(TowerHead):
         max_per_img: int = 100,
         min_box_size: float | None = None,
         prior_prob: float = 0.01,
+        scoring: str = "mmdet",
     ) -> None:
+        if scoring not in ("mmdet", "official"):
+            raise ValueError(f"scoring must be 'mmdet' or 'official', got {scoring!r}")
         super().__init__(
             num_classes,
             anchor_generator,
@@ -84,6 +92,7 @@ class ATSSHead(TowerHead):
         if anchor_generator.num_anchors != 1:
             raise ValueError("ATSSHead needs one anchor per location")
         self.topk = topk
+        self.scoring = scoring
         self.box_coder = BoxCoder(stds=tuple(box_stds), clamp=abs(math.log(16 / 1000)))
         self.box_loss_weight = box_loss_weight
         self.focal_alpha = focal_alpha
@@ -121,13 +130,16 @@ class ATSSHead(TowerHead):
         priors: list[Tensor],
         image_sizes: Sequence[tuple[int, int]],
     ) -> list[dict[str, Tensor]]:
-        scores, boxes, factors = [], [], []
+        probs, boxes, factors = [], [], []
         for cls, reg, ctr, p in zip(
             outputs["cls"], outputs["reg"], outputs["ctr"], priors, strict=True
         ):
-            scores.append(flatten_level(cls, self.num_classes).sigmoid())
+            probs.append(flatten_level(cls, self.num_classes).sigmoid())
             factors.append(flatten_level(ctr, 1).sigmoid()[..., 0])
             boxes.append(
                 self.box_coder.decode(flatten_level(reg, 4), p.expand(reg.shape[0], -1, -1))
             )
-        return self.select(scores, boxes, image_sizes, factors)
+        if self.scoring == "official":
+            ranked = [s * f[..., None] for s, f in zip(probs, factors, strict=True)]
+            return self.select(ranked, boxes, image_sizes, gates=probs)
+        return self.select(probs, boxes, image_sizes, factors)

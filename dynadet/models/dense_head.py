@@ -178,6 +178,7 @@ class TowerHead(nn.Module):
         boxes: Sequence[Tensor],
         image_sizes: Sequence[tuple[int, int]],
         factors: Sequence[Tensor] | None = None,
+        gates: Sequence[Tensor] | None = None,
     ) -> list[dict[str, Tensor]]:
         """Test-time selection shared by the dense heads.
 
@@ -191,6 +192,9 @@ class TowerHead(nn.Module):
             boxes: per level ``Tensor[N, M_l, 4]`` decoded boxes (padded-input coordinates).
             image_sizes: ``(h, w)`` of each resized image inside the padded batch.
             factors: per level ``Tensor[N, M_l]`` multipliers, or ``None``.
+            gates: per level ``Tensor[N, M_l, C]`` scores that must exceed ``score_thresh``
+                instead of ``scores`` (DyHead's official ATSS: threshold the class probability,
+                rank by class × centerness), or ``None``.
 
         Returns:
             one dict per image with ``boxes [K, 4]``, ``scores [K]``, ``labels [K]``.
@@ -200,10 +204,16 @@ class TowerHead(nn.Module):
         for level, (s, b) in enumerate(zip(scores, boxes, strict=True)):
             flat = s.flatten(1)
             k = min(self.nms_pre, flat.shape[1])
-            top, idx = flat.topk(k, dim=1)
+            if gates is None:
+                top, idx = flat.topk(k, dim=1)
+                valid = top > self.score_thresh
+            else:
+                passed = gates[level].flatten(1) > self.score_thresh
+                top, idx = flat.masked_fill(~passed, -1.0).topk(k, dim=1)
+                valid = passed.gather(1, idx)
             prior = idx // c
             all_labels.append(idx % c)
-            all_valid.append(top > self.score_thresh)
+            all_valid.append(valid)
             if factors is not None:
                 top = top * factors[level].gather(1, prior)
             all_scores.append(top)
