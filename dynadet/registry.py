@@ -15,6 +15,7 @@ from dynadet.models.preprocess import Preprocessor
 from dynadet.models.priors import AnchorGenerator
 from dynadet.models.resnet import ResNet
 from dynadet.models.retinanet import RetinaNetHead
+from dynadet.models.routing_heads import ATSSRoutingHead, RetinaNetRoutingHead
 
 REGISTRY: dict[str, Callable] = {
     "OneStageDetector": OneStageDetector,
@@ -26,6 +27,8 @@ REGISTRY: dict[str, Callable] = {
     "FCOSRoutingHead": FCOSRoutingHead,
     "ATSSHead": ATSSHead,
     "RetinaNetHead": RetinaNetHead,
+    "ATSSRoutingHead": ATSSRoutingHead,
+    "RetinaNetRoutingHead": RetinaNetRoutingHead,
     "AnchorGenerator": AnchorGenerator,
     "Preprocessor": Preprocessor,
 }

@@ -152,12 +152,18 @@ class TowerHead(nn.Module):
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
 
     def forward(self, features: Sequence[Tensor]) -> dict[str, list[Tensor]]:
+        cls_feats = [self.cls_tower(x) for x in features]
+        reg_feats = [self.reg_tower(x) for x in features]
+        return self.predictors(cls_feats, reg_feats)
+
+    def predictors(
+        self, cls_feats: Sequence[Tensor], reg_feats: Sequence[Tensor]
+    ) -> dict[str, list[Tensor]]:
+        """The prediction convs on per-level tower outputs → the ``forward`` dict."""
         out: dict[str, list[Tensor]] = {"cls": [], "reg": []}
         if self.centerness is not None:
             out["ctr"] = []
-        for level, x in enumerate(features):
-            cls_feat = self.cls_tower(x)
-            reg_feat = self.reg_tower(x)
+        for level, (cls_feat, reg_feat) in enumerate(zip(cls_feats, reg_feats, strict=True)):
             out["cls"].append(self.cls_logits(cls_feat))
             reg = self.bbox_pred(reg_feat)
             if self.scales is not None:
