@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from dynadet.config import build, load_config
 from dynadet.data.categories import resolve_class_names
 from dynadet.engine.checkpoint import load_checkpoint, save_checkpoint
+from dynadet.models.tta import apply_tta
 from dynadet.registry import REGISTRY
 
 ImageLike = str | Path | Tensor | np.ndarray | Image.Image
@@ -132,6 +133,8 @@ class Detector:
         self.config = config
         self.class_names = list(class_names)
         self.device = torch.device(device)
+        # What inference runs: the model, or its wrapper when the config sets ``test.tta``.
+        self.runner = apply_tta(self.model, config)
 
     @classmethod
     def from_config(
@@ -182,6 +185,7 @@ class Detector:
         self.model.load_state_dict(state)
         self.model.eval()
         self.config = cfg
+        self.runner = apply_tta(self.model, cfg)
         return result
 
     def evaluate(
@@ -199,7 +203,7 @@ class Detector:
         dataset = CocoDetection(ann_file, image_dir, filter_empty=False)
         loader = build_eval_loader(dataset, batch_size=batch_size)
         return evaluate(
-            self.model,
+            self.runner,
             loader,
             dataset.coco,
             dataset.category_ids,
@@ -223,7 +227,7 @@ class Detector:
         out: list[Prediction] = []
         for start in range(0, len(tensors), batch_size):
             chunk = [t.to(self.device) for t in tensors[start : start + batch_size]]
-            for t, r in zip(chunk, self.model(chunk), strict=True):
+            for t, r in zip(chunk, self.runner(chunk), strict=True):
                 out.append(
                     Prediction(
                         r["boxes"].cpu(),

@@ -91,7 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     loader = build_eval_loader(dataset, batch_size=args.batch_size)
     out = Path(weights).parent / "eval" / Path(weights).name
     res = evaluate(
-        det.model,
+        det.runner,
         loader,
         dataset.coco,
         dataset.category_ids,
@@ -164,8 +164,38 @@ def cmd_predict(args: argparse.Namespace) -> int:
         top = ", ".join(f"{d['label']} {d['score']:.2f}" for d in summary[name][:3])
         print(f"{name}: {len(pred)} detections{' (' + top + ')' if top else ''}")
     (out / "predictions.json").write_text(json.dumps(summary, indent=1))
+    if args.show_attention or args.show_gates:
+        code = _write_visualisations(det, images, names, out, args)
+        if code:
+            return code
     per = elapsed / len(preds)
     print(f"{len(preds)} image(s) in {elapsed:.2f} s ({per * 1000:.0f} ms/image); wrote {out}/")
+    return 0
+
+
+def _write_visualisations(det, images, names, out: Path, args: argparse.Namespace) -> int:
+    """``--show-attention`` / ``--show-gates``: one figure + JSON summary per image."""
+    from dynadet.tools import visualize as vis
+
+    layers = args.gate_layers if args.gate_layers in ("mean", "all") else int(args.gate_layers)
+    try:
+        for name, image in zip(names, images, strict=True):
+            if args.show_attention:
+                maps = vis.attention_maps(det, image)
+                vis.save_attention_figure(maps, out / f"{name}_attention.png")
+                (out / f"{name}_attention.json").write_text(
+                    json.dumps(vis.attention_summary(maps), indent=1)
+                )
+            if args.show_gates:
+                maps = vis.gate_maps(det, image)
+                vis.save_gate_figure(maps, out / f"{name}_gates.png", layers=layers)
+                (out / f"{name}_gates.json").write_text(
+                    json.dumps(vis.gate_summary(maps), indent=1)
+                )
+                print(f"{name}: executed head cost {maps['executed_ratio']:.1%} of the full head")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -238,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=0.3)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--show-attention", action="store_true",
+                   help="DyHead: write <image>_attention.png/.json (scale attention of every "
+                   "block, DCN sampling points and modulation of the last block)")
+    p.add_argument("--show-gates", action="store_true",
+                   help="Fine-Grained Dynamic Head: write <image>_gates.png/.json (per-level "
+                   "depth-path gate maps, executed cost)")
+    p.add_argument("--gate-layers", default="mean", help="gate maps: mean, all or a layer index")
     p.set_defaults(func=cmd_predict)
 
     c = sub.add_parser("convert", help="convert foreign weights to a dynadet checkpoint")

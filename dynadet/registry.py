@@ -8,6 +8,7 @@ from dynadet.models.atss import ATSSHead
 from dynadet.models.chain import Chain
 from dynadet.models.detector import OneStageDetector
 from dynadet.models.dyhead import DyHead
+from dynadet.models.dynamic_stats import DynamicTrainingStats
 from dynadet.models.fcos import FCOSHead
 from dynadet.models.fcos_routing import FCOSRoutingHead
 from dynadet.models.fpn import FPN
@@ -16,10 +17,12 @@ from dynadet.models.priors import AnchorGenerator
 from dynadet.models.resnet import ResNet
 from dynadet.models.retinanet import RetinaNetHead
 from dynadet.models.routing_heads import ATSSRoutingHead, RetinaNetRoutingHead
+from dynadet.models.swin import SwinTransformer
 
 REGISTRY: dict[str, Callable] = {
     "OneStageDetector": OneStageDetector,
     "ResNet": ResNet,
+    "SwinTransformer": SwinTransformer,
     "FPN": FPN,
     "Chain": Chain,
     "DyHead": DyHead,
@@ -31,4 +34,5 @@ REGISTRY: dict[str, Callable] = {
     "RetinaNetRoutingHead": RetinaNetRoutingHead,
     "AnchorGenerator": AnchorGenerator,
     "Preprocessor": Preprocessor,
+    "DynamicTrainingStats": DynamicTrainingStats,
 }
