@@ -18,16 +18,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from torch import Tensor
-
 from dynadet.models.fcos import DEFAULT_RANGES, FCOSHead
 from dynadet.models.priors import AnchorGenerator
-from dynadet.models.routing import (
-    RoutingCost,
-    RoutingTower,
-    budget_loss,
-    rename_reference_key,
-)
+from dynadet.models.routing import rename_reference_key
+from dynadet.models.routing_heads import RoutingTowersMixin
 from dynadet.ops.masked_conv import DEFAULT_DENSE_THRESHOLD
 
 __all__ = ["FCOSRoutingHead", "rename_reference_head_key"]
@@ -48,7 +42,7 @@ def rename_reference_head_key(key: str) -> str:
     return key
 
 
-class FCOSRoutingHead(FCOSHead):
+class FCOSRoutingHead(RoutingTowersMixin, FCOSHead):
     """FCOS head whose towers are FGDH routing towers (``dynamic=True``) or Fix towers.
 
     Args (beyond :class:`~dynadet.models.fcos.FCOSHead`, whose conv-tower arguments do not apply):
@@ -124,60 +118,9 @@ class FCOSRoutingHead(FCOSHead):
             min_box_size=min_box_size,
             prior_prob=prior_prob,
         )
-        tower_kw = {
-            "channels": in_channels,
-            "num_layers": num_layers,
-            "dynamic": dynamic,
-            "num_groups": num_groups,
-            "tau": tau,
-            "init_gate": init_gate,
-            "gn_mode": gn_mode,
-            "dense_threshold": dense_threshold,
-            "count_unused_paths": count_unused_paths,
-            "count_depthwise_twice": count_depthwise_twice,
-        }
-        # Replaces FCOSHead's (empty) conv towers; built after its init, so the routing towers
-        # keep their own initialisation (gate bias 3.822, scale_weight 0, ...).
-        self.cls_tower = RoutingTower(**tower_kw)
-        self.reg_tower = RoutingTower(**tower_kw)
-        self.dynamic = dynamic
-        self.budget_loss_weight = float(budget_loss_weight)
-        self.last_cost: RoutingCost | None = None
-
-    def full_cost(self, sizes: Sequence[tuple[int, int]]) -> float:
-        """Tower MACs per image with every gate open (the Fix head's cost) for level sizes."""
-        return self.cls_tower.full_cost(sizes) + self.reg_tower.full_cost(sizes)
-
-    def forward(self, features: Sequence[Tensor]) -> dict[str, list[Tensor]]:
-        cls_feats, cls_cost = self.cls_tower(features)
-        reg_feats, reg_cost = self.reg_tower(features)
-        cost = cls_cost + reg_cost
-        self.last_cost = RoutingCost(cost.soft.detach(), cost.executed, cost.full)
-        out: dict[str, list[Tensor]] = {"cls": [], "reg": [], "ctr": []}
-        for level, (cls_feat, reg_feat) in enumerate(zip(cls_feats, reg_feats, strict=True)):
-            out["cls"].append(self.cls_logits(cls_feat))
-            reg = self.bbox_pred(reg_feat)
-            if self.scales is not None:
-                reg = self.scales[level](reg)
-            out["reg"].append(reg)
-            assert self.centerness is not None
-            out["ctr"].append(self.centerness(reg_feat if self.centerness_on_reg else cls_feat))
-        out["cost_soft"] = [cost.soft]
-        out["cost_executed"] = [cost.executed]
-        out["cost_full"] = [cost.full]
-        return out
-
-    def loss(
-        self,
-        outputs: dict[str, list[Tensor]],
-        priors: list[Tensor],
-        targets: Sequence[dict[str, Tensor]],
-    ) -> dict[str, Tensor]:
-        losses = super().loss(outputs, priors, targets)
-        cost = RoutingCost(
-            outputs["cost_soft"][0], outputs["cost_executed"][0], outputs["cost_full"][0]
-        )
-        if self.dynamic and self.budget_loss_weight != 0:
-            losses["loss_budget"] = budget_loss(cost, self.budget_loss_weight)
-        losses["complexity_ratio"] = (cost.executed / cost.full).mean().float()
-        return losses
+        self.setup_routing(
+            in_channels, num_layers=num_layers, dynamic=dynamic,
+            budget_loss_weight=budget_loss_weight, tau=tau, init_gate=init_gate,
+            num_groups=num_groups, gn_mode=gn_mode, dense_threshold=dense_threshold,
+            count_unused_paths=count_unused_paths, count_depthwise_twice=count_depthwise_twice,
+        )  # fmt: skip
