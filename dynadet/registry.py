@@ -16,8 +16,12 @@ from dynadet.models.preprocess import Preprocessor
 from dynadet.models.priors import AnchorGenerator
 from dynadet.models.resnet import ResNet
 from dynadet.models.retinanet import RetinaNetHead
+from dynadet.models.roi_head import RoIHead
 from dynadet.models.routing_heads import ATSSRoutingHead, RetinaNetRoutingHead
+from dynadet.models.rpn import RPNHead
 from dynadet.models.swin import SwinTransformer
+from dynadet.models.two_stage import TwoStageDetector
+from dynadet.ops.roi_align import MultiScaleRoIAlign
 
 REGISTRY: dict[str, Callable] = {
     "OneStageDetector": OneStageDetector,
@@ -34,5 +38,9 @@ REGISTRY: dict[str, Callable] = {
     "RetinaNetRoutingHead": RetinaNetRoutingHead,
     "AnchorGenerator": AnchorGenerator,
     "Preprocessor": Preprocessor,
+    "TwoStageDetector": TwoStageDetector,
+    "RPNHead": RPNHead,
+    "RoIHead": RoIHead,
+    "MultiScaleRoIAlign": MultiScaleRoIAlign,
     "DynamicTrainingStats": DynamicTrainingStats,
 }
