@@ -213,6 +213,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from dynadet.tools.benchmark import run_benchmark
+
+    return run_benchmark(args)
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from dynadet.config import list_presets
 
@@ -298,6 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="synthetic data → train → evaluate → pictures")
     add_quickstart_arguments(q)
     q.set_defaults(func=cmd_quickstart)
+
+    b = sub.add_parser(
+        "benchmark", help="parameters, FLOPs, executed head cost, latency, throughput, memory"
+    )
+    from dynadet.tools.benchmark import add_benchmark_arguments
+
+    add_benchmark_arguments(b)
+    b.set_defaults(func=cmd_benchmark)
 
     s = sub.add_parser("presets", help="list packaged config presets")
     s.set_defaults(func=cmd_presets)

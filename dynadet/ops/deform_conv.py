@@ -67,6 +67,8 @@ def _torchvision_deform_conv2d() -> Callable[..., Tensor] | None:
 def _autocast_enabled(device_type: str) -> bool:
     try:
         return bool(torch.is_autocast_enabled(device_type))
+    except RuntimeError:  # e.g. the meta device (FLOP counting without computing)
+        return False
     except TypeError:  # torch < 2.4: no device argument
         if device_type == "cuda":
             return torch.is_autocast_enabled()

@@ -9,11 +9,12 @@ goes from ``[1]`` to 0-d. The D2 baseline (``FCOSHead``) has plain towers:
 ``head.{cls,bbox}_subnet.{3i}`` (conv) / ``{3i+1}`` (GN) → ``head.{cls,reg}_tower.{i}.conv`` /
 ``.norm``.
 
-Target configs: there are no presets for the seven README rows yet, so :func:`fgdh_config`
-builds them from ``fcos_r50_fpn_1x`` with cvpods' differences (P6 from C5 with ReLU before P7,
-points at ``x·s`` (offset 0), warm-up 1000 iterations, no GN weight decay, no gradient clipping)
-and the head swapped for ``FCOSRoutingHead``. These should become packaged presets; a preset or
-config file of the same name takes precedence once it exists.
+Target configs: the seven README rows are packaged presets (``fgdh_r50_fcos_d2_1x`` …
+``fgdh_r50_fcos_dynamic_d8_high_1x``), which :func:`fgdh_config` loads (cvpods names such as
+``fcos.res50.1x.fix.d4`` are aliases). ``fgdh_config(name, from_spec=True)`` builds the same
+configs in code from ``fcos_r50_fpn_1x`` with cvpods' differences (P6 from C5 with ReLU before
+P7, points at ``x·s`` (offset 0), warm-up 1000 iterations, no GN weight decay, no gradient
+clipping) and the head swapped for ``FCOSRoutingHead``; a test keeps the two equal.
 
 Scoring note: cvpods keeps the top 1000 class scores per level, drops those ≤ 0.05 and reports
 ``sqrt(cls·ctr)``; the preset's ``scoring: mmdet`` selects the same candidates and reports
@@ -89,11 +90,20 @@ FGDH_ALIASES: dict[str, str] = {
 """The official cvpods project names (``cvpods_playground/<name>``) of the same rows."""
 
 
-def fgdh_config(arch: str | Path | Mapping[str, Any]) -> dict[str, Any]:
-    """The resolved config of an FGDH row (name or cvpods alias), preset, file or mapping."""
-    if isinstance(arch, Mapping | Path) or arch in list_presets() or Path(arch).is_file():
+def fgdh_config(
+    arch: str | Path | Mapping[str, Any], from_spec: bool = False
+) -> dict[str, Any]:
+    """The resolved config of an FGDH row (name or cvpods alias), preset, file or mapping.
+
+    A row name or alias loads the packaged preset of that name (``dynadet/configs/<name>.yaml``).
+    ``from_spec=True`` builds the row in code instead, from ``fcos_r50_fpn_1x`` plus the cvpods
+    differences and :data:`FGDH_ARCHS` — the definition the presets are tested against.
+    """
+    if isinstance(arch, Mapping | Path):
         return load_config(arch)
     name = FGDH_ALIASES.get(arch, arch)
+    if not from_spec and (name in list_presets() or Path(arch).is_file()):
+        return load_config(arch if Path(arch).is_file() else name)
     if name not in FGDH_ARCHS:
         raise ConversionError(
             f"unknown FGDH arch {arch!r}; choose from {sorted(FGDH_ARCHS)}, their cvpods names "
