@@ -313,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_benchmark_arguments(b)
     b.set_defaults(func=cmd_benchmark)
 
+    x = sub.add_parser(
+        "export", help="export a one-stage detector to ONNX (raw head outputs; needs [onnx])"
+    )
+    from dynadet.tools.export import add_export_arguments, run_export
+
+    add_export_arguments(x)
+    x.set_defaults(func=run_export)
+
     s = sub.add_parser("presets", help="list packaged config presets")
     s.set_defaults(func=cmd_presets)
     return parser

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -37,6 +38,8 @@ _REPAIR_KEYS = (
     "dropped_malformed",
     "size_mismatch",
 )
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 Target = dict[str, Any]
 Transform = Callable[[Tensor, Target], tuple[Tensor, Target]]
@@ -106,10 +109,11 @@ def _int_column(path: Path, records: list[dict[str, Any]], key: str, kind: str) 
     """``records[i][key]`` as ``[R]`` int64; DataError naming the first non-integer value."""
     for idx, rec in enumerate(records):
         value = rec[key]
-        if not isinstance(value, int) or isinstance(value, bool):
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if not is_int or not _INT64_MIN <= value <= _INT64_MAX:
             ident = f" (id {rec['id']!r})" if key != "id" else ""
             raise DataError(f"{path}: {kind} record #{idx}{ident} has a non-integer "
-                            f"'{key}' {value!r}")
+                            f"'{key}' {value!r} (ids are integers in the 64-bit range)")
     return np.array([r[key] for r in records], dtype=np.int64).reshape(-1)
 
 
@@ -134,19 +138,35 @@ def _lookup(path: Path, keys: np.ndarray, table: np.ndarray, ann_ids: np.ndarray
     return pos
 
 
+def _finite_number(value: Any) -> bool:
+    """A JSON number (not a bool) that is finite as a float64."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond float64
+        return False
+
+
+def _positive_number(value: Any) -> bool:
+    return _finite_number(value) and value > 0
+
+
 def _parse_bboxes(raw: list[Any]) -> tuple[np.ndarray, np.ndarray]:
     """``[A, 4]`` float64 xywh (NaN where malformed) and the ``[A]`` malformed mask."""
     ok = np.array([isinstance(b, (list, tuple)) and len(b) == 4 for b in raw], dtype=bool)
     nan4 = [np.nan] * 4
     rows = [b if good else nan4 for b, good in zip(raw, ok, strict=True)]
     try:
-        arr = np.array(rows, dtype=np.float64).reshape(-1, 4)
-    except (TypeError, ValueError):  # a non-numeric entry somewhere: fall back row by row
+        arr = np.array(rows, dtype=np.float64)
+        if arr.shape != (len(raw), 4):  # nested lists, or no annotations at all
+            raise ValueError("not A x 4 numbers")
+    except (TypeError, ValueError, OverflowError):  # a bad entry somewhere: row by row
         arr = np.full((len(raw), 4), np.nan)
         for i, b in enumerate(rows):
             try:
                 arr[i] = np.array(b, dtype=np.float64)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 ok[i] = False
     return arr, ok
 
@@ -160,16 +180,14 @@ def _parse(path: Path, data: dict[str, Any], min_box_size: float) -> _Parsed:
     ann_ids = _unique_ids(path, anns, "annotation")
     cat_ids = _unique_ids(path, cats, "category")
 
-    try:
-        sizes = np.array([[r["height"], r["width"]] for r in images], dtype=np.float64)
-    except (TypeError, ValueError):
-        sizes = np.full((len(images), 2), np.nan)
-    sizes = sizes.reshape(-1, 2)
-    bad = ~(np.isfinite(sizes).all(1) & (sizes > 0).all(1))
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: image id {int(img_ids[i])} has invalid height/width "
-                        f"{images[i]['height']!r}/{images[i]['width']!r}; both must be > 0")
+    for i, rec in enumerate(images):
+        if not (_positive_number(rec["height"]) and _positive_number(rec["width"])):
+            raise DataError(f"{path}: image id {int(img_ids[i])} has invalid height/width "
+                            f"{rec['height']!r}/{rec['width']!r}; both must be numbers > 0")
+        if not isinstance(rec["file_name"], str) or not rec["file_name"]:
+            raise DataError(f"{path}: image id {int(img_ids[i])} has file_name "
+                            f"{rec['file_name']!r}; it must be a path relative to the image folder")
+    sizes = np.array([[r["height"], r["width"]] for r in images], dtype=np.float64).reshape(-1, 2)
 
     order = np.argsort(img_ids, kind="stable")
     img_ids, sizes = img_ids[order], sizes[order]
@@ -222,9 +240,11 @@ def _read_image(path: Path, image_id: int) -> Tensor:
             rgb = im.convert("RGB")
     except FileNotFoundError as err:
         raise DataError(f"image file {path} (image id {image_id}) does not exist") from err
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-        raise DataError(f"cannot read image file {path} (image id {image_id}): {err}; "
-                        "replace the file or remove the image from the annotations") from err
+    except Exception as err:  # noqa: BLE001 - decoders raise many types (OSError, EOFError,
+        # struct.error, DecompressionBombError, ...); any of them means the file is unusable
+        raise DataError(f"cannot read image file {path} (image id {image_id}): "
+                        f"{type(err).__name__}: {err}; replace the file or remove the image "
+                        "from the annotations") from err
     arr = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(arr))
 
@@ -257,8 +277,9 @@ class CocoDetection(Dataset):
         repairs: counts of repaired / dropped boxes and of image size mismatches.
         coco: the pycocotools ``COCO`` object for evaluation (built on first access, so data
             loader workers do not carry it). It holds every image and annotation of the file
-            except boxes that are not 4 finite numbers; ``iscrowd`` defaults to 0 and ``area``
-            to ``w * h`` where missing.
+            except boxes that are not 4 finite numbers; ``iscrowd`` is 0 or 1 (missing: 0),
+            ``area`` is ``w * h`` where missing or not a number, and each category's ``name``
+            is its entry of ``class_names``.
     """
 
     def __init__(
@@ -329,10 +350,13 @@ class CocoDetection(Dataset):
             for ann, unusable in zip(data["annotations"], p.unusable, strict=True):
                 if unusable:
                     continue
-                ann.setdefault("iscrowd", 0)
-                ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
+                ann["iscrowd"] = int(bool(ann.get("iscrowd", 0)))  # as the training targets
+                if not _finite_number(ann.get("area")):
+                    ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
                 anns.append(ann)
             data["annotations"] = anns
+            names = dict(zip(p.category_ids, p.class_names, strict=True))
+            data["categories"] = [{**c, "name": names[c["id"]]} for c in data["categories"]]
             coco = COCO()
             coco.dataset = data
             with contextlib.redirect_stdout(io.StringIO()):

@@ -103,7 +103,10 @@ def load_foreign_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not p.exists():
         raise CheckpointError(f"{p}: file not found")
     if p.suffix == ".safetensors":
-        return load_file(str(p))
+        try:
+            return load_file(str(p))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from e
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types here

@@ -40,9 +40,9 @@ class MetricsLogger:
         if not self.path.exists():
             return
         kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)["iter"] <= iteration
+            json.dumps(record)
+            for record in _parse_lines(self.path.read_text())
+            if record["iter"] <= iteration
         ]
         self.path.write_text("".join(line + "\n" for line in kept))
 
@@ -51,11 +51,28 @@ class MetricsLogger:
             self.writer.close()
 
 
+def _parse_lines(text: str) -> list[dict[str, Any]]:
+    """JSON-lines records; a line torn by a killed process (or any non-record) is skipped."""
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("iter"), int):
+            records.append(record)
+    return records
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse_lines(path.read_text())
+
+
+# Logged training statistics of the dynamic methods, plotted in plots/dynamics.png.
+DYNAMIC_KEYS = ("iou_thresh", "beta", "complexity_ratio")
 
 
 def plot_run(run_dir: Path) -> list[Path]:
@@ -65,7 +82,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     records = read_metrics(Path(run_dir) / "metrics.jsonl")
     out_dir = Path(run_dir) / "plots"
     written = []
-    train = [r for r in records if r["type"] == "train"]
+    train = [r for r in records if r.get("type") == "train"]
     if train:
         keys = sorted({k for r in train for k in r if k.startswith("loss")})
         series = {k: [(r["iter"], r[k]) for r in train if k in r] for k in keys}
@@ -75,7 +92,18 @@ def plot_run(run_dir: Path) -> list[Path]:
                 series, out_dir / "loss.png", "training loss", ylabel="loss (log scale)", log_y=True
             )
         )
-    evals = [r for r in records if r["type"] == "eval" and r.get("AP") is not None]
+    dyn = {k: [(r["iter"], r[k]) for r in train if k in r] for k in DYNAMIC_KEYS}
+    dyn = {k: v for k, v in dyn.items() if v}
+    if dyn:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written.append(
+            line_chart(
+                dyn, out_dir / "dynamics.png",
+                "dynamic training statistics (Dynamic R-CNN IoU threshold / beta, FGDH "
+                "executed-cost ratio)", ylabel="value",
+            )  # fmt: skip
+        )
+    evals = [r for r in records if r.get("type") == "eval" and r.get("AP") is not None]
     if evals:
         series = {
             k: [(r["iter"], r[k]) for r in evals if r.get(k) is not None]

@@ -64,26 +64,46 @@ def save_training_checkpoint(
     training_state: dict[str, Any],
     keep: int = 3,
 ) -> Path:
-    """Write ``checkpoints/iter_XXXXXXX`` atomically and point ``checkpoints/last`` at it."""
+    """Write ``checkpoints/iter_XXXXXXX`` atomically and point ``checkpoints/last`` at it.
+
+    A write error (full disk, permissions) leaves the previous checkpoints as they were and is
+    raised as ``OSError`` naming the checkpoint path.
+    """
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"iter_{iteration:07d}"
     final = root / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    tmp: Path | None = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
         save_checkpoint(tmp, model_state, config, class_names, {"iteration": iteration})
         torch.save(training_state, tmp / STATE_NAME)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        pointer = root / f".{LAST_NAME}.tmp"
+        pointer.write_text(name + "\n")
+        os.replace(pointer, root / LAST_NAME)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise OSError(
+                e.errno,
+                f"cannot write checkpoint {final}: {e.strerror or e}; the previous checkpoints "
+                "are unchanged (free disk space, then train again with resume=true)",
+            ) from e
         raise
-    pointer = root / f".{LAST_NAME}.tmp"
-    pointer.write_text(name + "\n")
-    os.replace(pointer, root / LAST_NAME)
     _prune(root, keep, final)
     return final
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Delete half-written ``.iter_*`` folders of a process killed while saving (one writer)."""
+    for stale in root.glob(".iter_*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _prune(root: Path, keep: int, newest: Path) -> None:

@@ -240,6 +240,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             params = [p for p in self.model.parameters() if p.grad is not None]
             totals["grad_norm"] = float(nn.utils.clip_grad_norm_(params, float(clip)))
+            if not self.amp and not math.isfinite(totals["grad_norm"]):
+                return totals  # a finite loss with a NaN gradient: no step, run() stops
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -273,12 +275,11 @@ class Trainer:
         it = self.start_iter
         while it < self.max_iters:
             values = self.step(batch_iter)
-            if not math.isfinite(values["loss"]):
-                where = self.last_saved or last_checkpoint(self.run_dir)
-                raise TrainingDiverged(
-                    f"loss is {values['loss']} at iteration {it + 1} "
-                    f"({', '.join(f'{k}={v:.4g}' for k, v in values.items())}); last good "
-                    f"checkpoint: {where if where else 'none saved yet'}"
+            problem = self._non_finite(values)
+            if problem:
+                raise self._diverged(
+                    f"{problem} at iteration {it + 1} "
+                    f"({', '.join(f'{k}={v:.4g}' for k, v in values.items())})"
                 )
             values["lr"] = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[
                 0
@@ -295,6 +296,7 @@ class Trainer:
                 )
                 self.logger.log("train", done, values)
             if done % ckpt_period == 0 or done == self.max_iters:
+                self._check_finite_weights(done)
                 self.save(done)
             if self.eval_period and (done % self.eval_period == 0 or done == self.max_iters):
                 metrics = self.evaluate(done)
@@ -310,6 +312,33 @@ class Trainer:
             plot_run(self.run_dir)
             self.logger.close()
         return result
+
+    def _non_finite(self, values: dict[str, float]) -> str | None:
+        """What makes a step unusable: a NaN/inf loss, or a NaN/inf gradient norm (without
+        AMP, whose scaler skips such steps itself)."""
+        if not math.isfinite(values["loss"]):
+            return f"loss is {values['loss']}"
+        norm = values.get("grad_norm", 0.0)
+        if not self.amp and not math.isfinite(norm):
+            return f"gradient norm is {norm} with a finite loss"
+        return None
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        where = self.last_saved or last_checkpoint(self.run_dir)
+        return TrainingDiverged(
+            f"{what}; last good checkpoint: {where if where else 'none saved yet'}"
+        )
+
+    def _check_finite_weights(self, iteration: int) -> None:
+        """Never save non-finite weights (a NaN gradient with a finite loss, unclipped).
+
+        Every rank checks its own (identical under DDP) copy, so all ranks stop together."""
+        flags = [torch.isfinite(v).all() for v in self.model.state_dict().values()
+                 if v.is_floating_point()]  # fmt: skip
+        if flags and not bool(torch.stack(flags).all()):
+            raise self._diverged(
+                f"the weights are not finite after iteration {iteration}; not saving them"
+            )
 
     def _fit_budget(self, done: int, budget_s: float, spent_s: float, bar: tqdm) -> None:
         """Shrink ``max_iters`` so training fits ``train.time_budget_s`` (quickstart).
