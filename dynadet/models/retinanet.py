@@ -1,4 +1,25 @@
-"""RetinaNet (Lin et al., ICCV 2017) head."""
+"""RetinaNet (Lin et al., ICCV 2017) head, optionally trained with Dynamic R-CNN's rules.
+
+Dynamic training of a one-stage head is a dynadet extension: Dynamic R-CNN (Zhang et al., ECCV
+2020) changes only the R-CNN head. With ``dynamic`` set, "proposal" becomes "anchor":
+
+* IoU statistic (DLA): every anchor's IoU with its best-matching box (0 in an image without
+  boxes), all anchors of each image (about 180k at 800×1216), so both statistic modes stay
+  exact (``"official"`` needs the batch's top ``K_I·B``). The ``K_I``-th largest is the IoU that
+  the image's ``K_I`` best anchors reach. Anchors do not move during training, so unlike
+  proposals this does not rise as the model learns: the threshold settles at a data-dependent
+  level after the first update, a data-adaptive rather than a progressive threshold. It grows
+  with the boxes per image; in a rough simulation (COCO-like random boxes, 800×1216, the
+  RetinaNet anchors) the 75th largest was about 0.33 / 0.47 / 0.55 / 0.60 / 0.66 with 1 / 3 /
+  7 / 15 / 30 boxes, about 18 anchors per box reaching IoU 0.5. Choose ``K_I`` as roughly the
+  positives per image wanted at the threshold.
+* β statistic (DSL): the positives' regression targets in this head's delta space
+  (``box_stds``), where β is applied; low-quality matches included. With stds 1 the centre
+  targets are 10× smaller than R-CNN's (stds 0.1), so RetinaNet's β = 0.11 plays the role of
+  R-CNN's initial 1.0.
+* Low-quality matching stays as configured: it keeps each box's best anchors positive when the
+  threshold rises above what small boxes' anchors reach.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +31,7 @@ from torch import Tensor
 
 from dynadet.models.assigners import max_iou_assign
 from dynadet.models.dense_head import TowerHead, concat_levels, flatten_level, reduce_mean
+from dynadet.models.dynamic_stats import DynamicTrainingStats
 from dynadet.models.priors import AnchorGenerator
 from dynadet.ops.boxes import BoxCoder, box_iou
 from dynadet.ops.losses import giou_loss, l1_loss, sigmoid_focal_loss, smooth_l1_loss
@@ -26,8 +48,24 @@ class RetinaNetHead(TowerHead):
         clamp_mode: delta clamp, ``"symmetric"`` (MMDetection) or ``"upper"`` (torchvision).
         loss_normalizer: ``"batch"`` divides by the positives of the whole batch (MMDetection);
             ``"image"`` divides each image by its own positives and averages (torchvision).
+        dynamic: Dynamic R-CNN statistics (a
+            :class:`~dynadet.models.dynamic_stats.DynamicTrainingStats`; module docstring for
+            what they mean on anchors), or ``None`` (default: plain RetinaNet). Needs
+            ``box_loss="smooth_l1"``. In training the assigner uses ``pos = dynamic.iou_thresh``
+            and ``neg = pos - dynamic_neg_gap``, the SmoothL1 uses ``beta = dynamic.beta``
+            (``smooth_l1_beta`` is then unused), each forward then calls
+            ``dynamic.update(max_ious, pos_targets)`` and the loss dict adds ``iou_thresh`` (the
+            positive threshold) and ``beta``, the values used in that step. All on the device:
+            no host read. Never touched in eval mode. Held as ``self.dynamic_stats`` (state keys
+            ``dynamic_stats.*``): :class:`~dynadet.models.routing_heads.RoutingTowersMixin`
+            uses ``self.dynamic`` for its routing flag.
+        dynamic_neg_gap: width of the ignore band below the dynamic threshold; ``None``
+            (default) keeps the configured ``pos_iou - neg_iou`` (0.1: RetinaNet's band moves
+            up with the threshold); ``0`` gives Dynamic R-CNN's single threshold.
 
     Shapes: as :class:`dynadet.models.fcos.FCOSHead`; ``cls`` has ``A·C`` channels per level.
+    ``dynamic.update`` gets ``max_ious: list[Tensor[M]]`` (``M`` anchors per image) and
+    ``pos_targets: Tensor[P, 4]`` (normalised deltas of the batch's positive anchors).
     """
 
     def __init__(
@@ -56,6 +94,8 @@ class RetinaNetHead(TowerHead):
         max_per_img: int = 100,
         min_box_size: float | None = None,
         prior_prob: float = 0.01,
+        dynamic: DynamicTrainingStats | None = None,
+        dynamic_neg_gap: float | None = None,
     ) -> None:
         super().__init__(
             num_classes,
@@ -78,6 +118,14 @@ class RetinaNetHead(TowerHead):
             raise ValueError(f"box_loss must be 'l1', 'smooth_l1' or 'giou', got {box_loss!r}")
         if loss_normalizer not in ("batch", "image"):
             raise ValueError(f"loss_normalizer must be 'batch' or 'image', got {loss_normalizer!r}")
+        if dynamic is not None and box_loss != "smooth_l1":
+            raise ValueError(
+                f"dynamic training sets the SmoothL1 beta, so it needs box_loss='smooth_l1', "
+                f"got box_loss={box_loss!r}"
+            )
+        gap = pos_iou - neg_iou if dynamic_neg_gap is None else float(dynamic_neg_gap)
+        if gap < 0:
+            raise ValueError(f"dynamic_neg_gap must be >= 0, got {gap}")
         self.pos_iou = pos_iou
         self.neg_iou = neg_iou
         self.low_quality = low_quality
@@ -90,6 +138,8 @@ class RetinaNetHead(TowerHead):
         self.loss_normalizer = loss_normalizer
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.dynamic_stats = dynamic
+        self.dynamic_neg_gap = gap
 
     def _box_loss(self, pred: Tensor, anchors: Tensor, gt: Tensor) -> Tensor:
         """Summed box loss of the positive anchors (``[P, 4]`` each)."""
@@ -106,13 +156,21 @@ class RetinaNetHead(TowerHead):
         priors: list[Tensor],
         targets: Sequence[dict[str, Tensor]],
     ) -> dict[str, Tensor]:
+        dynamic = self.dynamic_stats if self.training else None
+        pos_thr: Tensor | float = self.pos_iou
+        neg_thr: Tensor | float = self.neg_iou
+        if dynamic is not None:  # clones: update() below writes the buffers in place
+            pos_thr = dynamic.iou_thresh.detach().clone()
+            neg_thr = pos_thr - self.dynamic_neg_gap
+            beta = dynamic.beta.detach().clone()
         cls = concat_levels(outputs["cls"], self.num_classes)
         reg = concat_levels(outputs["reg"], 4)
         anchors = torch.cat(priors)
         cls_losses, box_losses, num_pos_list = [], [], []
+        max_ious, pos_targets = [], []
         for i, t in enumerate(targets):
             ious = box_iou(t["boxes"], anchors)
-            matched = max_iou_assign(ious, self.pos_iou, self.neg_iou, self.low_quality)
+            matched = max_iou_assign(ious, pos_thr, neg_thr, self.low_quality)
             fg = matched >= 0
             valid = matched != -2
             target = torch.zeros_like(cls[i])
@@ -126,7 +184,15 @@ class RetinaNetHead(TowerHead):
                     reduction="sum",
                 )
             )
-            box_losses.append(self._box_loss(reg[i][fg], anchors[fg], t["boxes"][matched[fg]]))
+            pos_anchors, pos_gt = anchors[fg], t["boxes"][matched[fg]]
+            if dynamic is None:
+                box_losses.append(self._box_loss(reg[i][fg], pos_anchors, pos_gt))
+            else:
+                box_target = self.box_coder.encode(pos_anchors, pos_gt)
+                box_losses.append(smooth_l1_loss(reg[i][fg], box_target, beta, reduction="sum"))
+                pos_targets.append(box_target)
+                best = ious.amax(dim=0) if ious.shape[0] else ious.new_zeros(ious.shape[1])
+                max_ious.append(best)
             num_pos_list.append(fg.sum().to(cls.dtype))
         if self.loss_normalizer == "image":
             norms = [n.clamp(min=1.0) for n in num_pos_list]
@@ -136,7 +202,12 @@ class RetinaNetHead(TowerHead):
             num_pos = reduce_mean(torch.stack(num_pos_list).sum()).clamp(min=1.0)
             loss_cls = torch.stack(cls_losses).sum() / num_pos
             loss_box = torch.stack(box_losses).sum() / num_pos
-        return {"loss_cls": loss_cls, "loss_box": loss_box * self.box_loss_weight}
+        out = {"loss_cls": loss_cls, "loss_box": loss_box * self.box_loss_weight}
+        if dynamic is not None:
+            dynamic.update(max_ious, torch.cat(pos_targets))
+            out["iou_thresh"] = pos_thr.to(loss_cls.dtype)
+            out["beta"] = beta.to(loss_cls.dtype)
+        return out
 
     def predict(
         self,

@@ -64,6 +64,9 @@ class RoIHead(nn.Module):
             are summed over the positives and divided by the number of sampled RoIs; the
             cross-entropy is averaged over the sampled RoIs.
         box_stds / clamp_mode: box coder (deltas ``/ stds``; ``"symmetric"`` or ``"upper"``).
+        box_weights: the torchvision / Detectron2 form of the same coder, e.g. ``(10, 10, 5, 5)``
+            (deltas ``· weights`` on encode, ``/ weights`` on decode, their op order, so decoded
+            boxes equal theirs bit for bit); replaces ``box_stds`` when given.
         score_thresh / nms_thresh / max_per_img / min_box_size: test-time selection (class
             scores ``> score_thresh``, per-class NMS, best ``max_per_img`` per image).
         dynamic: Dynamic R-CNN statistics (a ``DynamicTrainingStats``). In training the
@@ -93,6 +96,7 @@ class RoIHead(nn.Module):
         smooth_l1_beta: float = 1.0,
         box_stds: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
         clamp_mode: str = "symmetric",
+        box_weights: Sequence[float] | None = None,
         score_thresh: float = 0.05,
         nms_thresh: float = 0.5,
         max_per_img: int = 100,
@@ -111,9 +115,11 @@ class RoIHead(nn.Module):
         self.add_gt_as_proposals = add_gt_as_proposals
         self.box_loss = box_loss
         self.smooth_l1_beta = smooth_l1_beta
-        self.box_coder = BoxCoder(
-            stds=tuple(box_stds), clamp=math.log(1000.0 / 16), clamp_mode=clamp_mode
-        )
+        clamp = math.log(1000.0 / 16)
+        if box_weights is None:
+            self.box_coder = BoxCoder(stds=tuple(box_stds), clamp=clamp, clamp_mode=clamp_mode)
+        else:
+            self.box_coder = BoxCoder.from_weights(tuple(box_weights), clamp, clamp_mode)
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.max_per_img = max_per_img
@@ -201,7 +207,7 @@ class RoIHead(nn.Module):
         """``loss_cls``, ``loss_box`` (and with ``dynamic``: ``iou_thresh``, ``beta``)."""
         dynamic = self.dynamic if self.training else None
         iou_thresh = None if dynamic is None else dynamic.iou_thresh.detach().clone()
-        beta = self.smooth_l1_beta if dynamic is None else float(dynamic.beta)
+        beta = self.smooth_l1_beta if dynamic is None else dynamic.beta.detach().clone()
         with torch.no_grad():
             s = self.sample([p.detach() for p in proposals], targets, iou_thresh)
             pos = s["pos"]
@@ -222,7 +228,7 @@ class RoIHead(nn.Module):
             with torch.no_grad():
                 dynamic.update(s["max_ious"], box_target)
             out["iou_thresh"] = iou_thresh.to(loss_cls.dtype)
-            out["beta"] = loss_cls.new_tensor(beta)
+            out["beta"] = beta.to(loss_cls.dtype)
         return out
 
     # ------------------------------------------------------------------ inference

@@ -120,13 +120,16 @@ class ATSSRoutingHead(RoutingTowersMixin, ATSSHead):
 
 
 class RetinaNetRoutingHead(RoutingTowersMixin, RetinaNetHead):
-    """RetinaNet with FGDH routing towers or Fix towers; arguments as :class:`ATSSRoutingHead`.
+    """RetinaNet with FGDH routing towers or Fix towers; arguments as :class:`ATSSRoutingHead`,
+    plus ``dynamic_stats`` (a :class:`~dynadet.models.dynamic_stats.DynamicTrainingStats`:
+    RetinaNet's ``dynamic`` argument, renamed because ``dynamic`` here selects routing).
 
     Shapes: as :class:`RetinaNetHead`, plus the cost entries of :class:`RoutingTowersMixin`.
     """
 
     def __init__(self, num_classes: int, anchor_generator, in_channels: int = 256, **kwargs):
+        stats = kwargs.pop("dynamic_stats", None)
         routing, rest = split_routing_kwargs(dict(kwargs))
-        rest.update(num_convs=0, feat_channels=in_channels)
+        rest.update(num_convs=0, feat_channels=in_channels, dynamic=stats)
         RetinaNetHead.__init__(self, num_classes, anchor_generator, in_channels=in_channels, **rest)
         self.setup_routing(in_channels, **routing)

@@ -91,18 +91,22 @@ def iou_loss(
 def smooth_l1_loss(
     input: Tensor,
     target: Tensor,
-    beta: float = 1.0,
+    beta: float | Tensor = 1.0,
     reduction: str = "none",
     weight: Tensor | None = None,
 ) -> Tensor:
     """Smooth L1 (Huber / beta) element-wise loss; ``beta == 0`` gives exactly the L1 loss.
 
     ``0.5 * d ** 2 / beta`` where ``|d| < beta``, else ``|d| - 0.5 * beta``; same shape as
-    ``input`` before reduction. ``beta`` is a Python float (Dynamic R-CNN changes it at run time).
+    ``input`` before reduction. ``beta`` is a Python float, or a 0-dim tensor > 0 (Dynamic
+    R-CNN's run-time β, used without reading it back to the host).
     """
+    diff = torch.abs(input - target)
+    if isinstance(beta, Tensor):
+        loss = torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
+        return reduce_loss(loss, weight, reduction)
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
-    diff = torch.abs(input - target)
     if beta == 0:
         loss = diff
     else:

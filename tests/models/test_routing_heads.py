@@ -138,3 +138,16 @@ def test_builds_from_config(name: str, cls) -> None:
                    "budget_loss_weight": 0.1, "num_groups": 8, "anchor_generator": gen}, REGISTRY)
     assert isinstance(built, cls) and len(built.reg_tower.layers) == 2
     assert built.budget_loss_weight == 0.1
+
+
+def test_retinanet_routing_with_dynamic_training_stats() -> None:
+    from dynadet.models.dynamic_stats import DynamicTrainingStats
+
+    torch.manual_seed(0)
+    stats = DynamicTrainingStats(interval=1, initial_iou=0.5, initial_beta=0.11)
+    h = make("retina", box_loss="smooth_l1", dynamic_stats=stats, budget_loss_weight=0.1)
+    assert h.dynamic is True and h.dynamic_stats is stats
+    feats = features()
+    losses = h.loss(h(feats), h.priors(feats, (64, 96)), targets())
+    assert {"iou_thresh", "beta", "loss_budget"} <= set(losses)
+    assert int(stats.num_updates) == 1
