@@ -17,6 +17,7 @@ from tests import torchvision_spec as tvs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DETECTORS = ("fcos_resnet50_fpn", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2")
+RCNN = "fasterrcnn_resnet50_fpn"
 # (arch, frozen_bn) -> (keys, parameter elements); §2.1/§2.2 and the weight enums' num_params.
 DOCUMENTED = {
     ("resnet50", False): (320, 25_557_032),
@@ -25,6 +26,8 @@ DOCUMENTED = {
     ("retinanet_resnet50_fpn", False): (354, 34_014_999 + 53_120),
     ("retinanet_resnet50_fpn", True): (354 - 53, 34_014_999),
     ("retinanet_resnet50_fpn_v2", False): (362, 38_198_935),
+    (RCNN, False): (348, 41_755_286 + 53_120),
+    (RCNN, True): (348 - 53, 41_755_286),  # FasterRCNN_ResNet50_FPN_Weights.COCO_V1 num_params
 }
 BN_LAYERS_RESNET50 = 53  # norm layers in ResNet-50: 1 stem + 16 blocks x 3 + 4 downsample
 
@@ -70,6 +73,7 @@ def test_default_layout_is_the_released_checkpoint() -> None:
     assert len(tvs.torchvision_state_dict_spec("retinanet_resnet50_fpn")) == 301
     assert len(tvs.torchvision_state_dict_spec("retinanet_resnet50_fpn_v2")) == 362
     assert len(tvs.torchvision_state_dict_spec("resnet50")) == 320
+    assert len(tvs.torchvision_state_dict_spec(RCNN)) == 295
     for arch in ("resnet50", "retinanet_resnet50_fpn_v2"):
         with pytest.raises(ValueError):
             tvs.torchvision_state_dict_spec(arch, frozen_bn=True)
@@ -123,8 +127,24 @@ def test_documented_shapes() -> None:
     assert not any("scale" in k for k in fcos)
 
 
+def test_documented_faster_rcnn_shapes() -> None:
+    spec = tvs.torchvision_state_dict_spec(RCNN)
+    assert spec["backbone.fpn.inner_blocks.0.0.weight"] == (256, 256, 1, 1)  # C2 lateral
+    assert spec["backbone.fpn.inner_blocks.3.0.weight"] == (256, 2048, 1, 1)
+    assert spec["backbone.fpn.layer_blocks.3.0.bias"] == (256,)
+    assert not any("extra_blocks" in k for k in spec)  # LastLevelMaxPool has no weights
+    assert spec["rpn.head.conv.0.0.weight"] == (256, 256, 3, 3)
+    assert spec["rpn.head.cls_logits.weight"] == (3, 256, 1, 1)
+    assert spec["rpn.head.bbox_pred.weight"] == (12, 256, 1, 1)
+    assert spec["roi_heads.box_head.fc6.weight"] == (1024, 12544)
+    assert spec["roi_heads.box_head.fc7.weight"] == (1024, 1024)
+    assert spec["roi_heads.box_predictor.cls_score.weight"] == (91, 1024)
+    assert spec["roi_heads.box_predictor.bbox_pred.bias"] == (364,)
+    assert list(spec)[-1] == "roi_heads.box_predictor.bbox_pred.bias"
+
+
 def test_legacy_names() -> None:
-    for arch in ("fcos_resnet50_fpn", "retinanet_resnet50_fpn"):
+    for arch in ("fcos_resnet50_fpn", "retinanet_resnet50_fpn", RCNN):
         new = tvs.torchvision_state_dict_spec(arch)
         old = tvs.torchvision_state_dict_spec(arch, legacy_names=True)
         assert list(new.values()) == list(old.values())
@@ -136,6 +156,12 @@ def test_legacy_names() -> None:
                 "head.regression_head.conv.3.0.weight"
             )
             assert len(renamed) == 12 + 16
+        elif arch == RCNN:  # 4 FPN levels and the RPN conv (hosted checkpoint names)
+            assert renamed["rpn.head.conv.bias"] == "rpn.head.conv.0.0.bias"
+            assert renamed["backbone.fpn.inner_blocks.3.weight"] == (
+                "backbone.fpn.inner_blocks.3.0.weight"
+            )
+            assert len(renamed) == 16 + 2
         else:
             assert len(renamed) == 12  # FCOS head names never changed
         if arch == "retinanet_resnet50_fpn":  # one regeneration is enough (keeps CI fast)
@@ -267,7 +293,7 @@ def test_resnet50_fixture_input() -> None:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("arch", DETECTORS)
+@pytest.mark.parametrize("arch", [*DETECTORS, RCNN])
 def test_fixture_regenerates_in_ci(arch: str) -> None:
     """The weights and images CI builds are those the peer env fed to torchvision."""
     case, data = tvs.FIXTURE_CASES[arch], fixture(arch)
@@ -311,3 +337,44 @@ def test_fixture_detections_are_sane(arch: str) -> None:
     head = data["head"]
     assert head["cls_logits"].shape == (2, 40, 91)
     assert head["anchors"].shape == (2, 40, 4)
+
+
+def test_faster_rcnn_predictor_rows() -> None:
+    sd = seeded(RCNN)
+    weight = sd["roi_heads.box_predictor.cls_score.weight"]
+    bias = sd["roi_heads.box_predictor.cls_score.bias"]
+    unused = list(tvs.UNUSED_91_IDS[1:])
+    assert bool((bias[unused] == tvs.UNUSED_CLASS_BIAS).all()) and bool((weight[unused] == 0).all())
+    # background (row 0) is a real softmax entry: a large bias, random weights
+    assert bias[0] == tvs._HEAD_TUNING[RCNN]["bg_bias"] and weight[0].abs().sum() > 0
+    # every row sums to exactly zero (halves are negatives of each other)
+    assert torch.equal(weight[:, 512:], -weight[:, :512])
+    used = list(tvs.COCO_CATEGORY_IDS)
+    assert bias[used].std() > 0.1 and bias[used].abs().max() < 1.0
+
+
+def test_faster_rcnn_fixture_is_sane() -> None:
+    data = fixture(RCNN)
+    post = data["postprocess"]
+    assert data["conditioning"]["well_conditioned"]
+    assert post["rpn_pre_nms_top_n"] == 1000 and post["rpn_post_nms_top_n"] == 1000
+    assert post["rpn_nms_thresh"] == 0.7 and post["detections_per_img"] == 100
+    assert data["batch_shape"].tolist() == [2, 3, 320, 512]
+    assert [f["shape"].tolist()[2:] for f in data["fpn"].values()] == [
+        [80, 128], [40, 64], [20, 32], [10, 16], [5, 8]
+    ]  # fmt: skip
+    # 3 anchors per location on P2-P6 (P6 from max-pooling P5)
+    assert data["rpn"]["num_anchors_per_level"].tolist() == [30720, 7680, 1920, 480, 120]
+    for det, props, scores, (h, w) in zip(
+        data["detections"], data["rpn"]["proposals"], data["rpn"]["proposal_scores"],
+        data["image_sizes"].tolist(), strict=True,
+    ):
+        assert 30 < len(det["scores"]) < post["detections_per_img"]
+        assert 500 < len(props) <= 1000 and props.shape[1] == 4
+        assert bool((scores[:-1] >= scores[1:]).all()) and bool((scores > 0).all())
+        assert bool((det["scores"] > post["score_thresh"]).all())
+        assert set(det["labels"].tolist()) <= set(tvs.COCO_CATEGORY_IDS)
+        assert bool((det["boxes"][:, 2] <= w).all() and (det["boxes"][:, 3] <= h).all())
+        assert int(det["proposal_index"].max()) < len(props)
+    assert data["roi"]["class_logits"].shape == (2, 8, 91)
+    assert data["roi"]["box_regression"].shape == (2, 8, 364)

@@ -6,17 +6,18 @@ Pure torch (no torchvision import), so CI can rebuild exactly the state dicts an
 Layouts (``frozen_bn``):
 * ``False``: what ``<builder>(weights=None, weights_backbone=None).state_dict()`` returns; the
   backbone uses ``nn.BatchNorm2d`` (with ``num_batches_tracked``). Key counts: resnet50 320,
-  fcos 372, retinanet v1 354, retinanet v2 362.
-* ``True``: the layout of the released COCO checkpoints of FCOS and RetinaNet v1, whose backbone
-  uses ``FrozenBatchNorm2d`` (weight/bias/running stats are all buffers, no
-  ``num_batches_tracked``): fcos 319 keys, retinanet v1 301 keys. RetinaNet v2 and resnet50 always
-  use ``nn.BatchNorm2d``, so ``True`` is refused for them.
+  fcos 372, retinanet v1 354, retinanet v2 362, fasterrcnn 348.
+* ``True``: the layout of the released COCO checkpoints of FCOS, RetinaNet v1 and Faster R-CNN
+  v1, whose backbone uses ``FrozenBatchNorm2d`` (weight/bias/running stats are all buffers, no
+  ``num_batches_tracked``): fcos 319 keys, retinanet v1 301 keys, fasterrcnn 295 keys. RetinaNet
+  v2 and resnet50 always use ``nn.BatchNorm2d``, so ``True`` is refused for them.
 * ``None`` (default): the released-checkpoint layout of ``arch``.
 
 ``legacy_names=True`` gives the pre-0.13 key names that old ``.pth`` files may still carry and that
 torchvision renames inside ``load_state_dict``: FPN ``inner_blocks.{i}.weight`` (for
-``inner_blocks.{i}.0.weight``, same for ``layer_blocks``) and RetinaNet v1 head ``conv.{2i}.*``
-(for ``conv.{i}.0.*``).
+``inner_blocks.{i}.0.weight``, same for ``layer_blocks``), RetinaNet v1 head ``conv.{2i}.*``
+(for ``conv.{i}.0.*``) and Faster R-CNN ``rpn.head.conv.*`` (for ``rpn.head.conv.0.0.*``; the
+hosted ``fasterrcnn_resnet50_fpn_coco-258fb6c6.pth`` uses these old names).
 """
 
 from __future__ import annotations
@@ -27,10 +28,19 @@ import zlib
 import torch
 from torch import Tensor
 
-ARCHS = ("resnet50", "fcos_resnet50_fpn", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2")
+ARCHS = (
+    "resnet50",
+    "fcos_resnet50_fpn",
+    "retinanet_resnet50_fpn",
+    "retinanet_resnet50_fpn_v2",
+    "fasterrcnn_resnet50_fpn",
+)
+RELEASED_FROZEN_BN = ("fcos_resnet50_fpn", "retinanet_resnet50_fpn", "fasterrcnn_resnet50_fpn")
 NUM_CLASSES_91 = 91
 NUM_ANCHORS = 9  # RetinaNet: 3 scales x 3 aspect ratios per location
+RPN_ANCHORS = 3  # Faster R-CNN: one size per level x 3 aspect ratios
 FPN_CHANNELS = 256
+RCNN_FC = 1024  # TwoMLPHead width
 
 _COCO_80 = (
     (1, "person"), (2, "bicycle"), (3, "car"), (4, "motorcycle"), (5, "airplane"), (6, "bus"),
@@ -64,6 +74,9 @@ COCO_91_CLASS_NAMES: tuple[str, ...] = tuple(
 # Two odd, different image sizes so that resizing, batching and padding are all exercised.
 _DET_IMAGES = ((1001, 301, 397), (1002, 263, 410))
 _DET_KWARGS = {"min_size": 320, "max_size": 512}
+# Faster R-CNN's random classifier favours a few classes per image (fixed offsets w_c · E[x]);
+# these two images give both a few dozen detections (tuned in the peer env).
+_RCNN_IMAGES = ((1005, 301, 397), (1006, 263, 410))
 FIXTURE_CASES: dict[str, dict] = {
     "resnet50": {
         "arch": "resnet50", "seed": 0, "input_seed": 1000, "input_size": (64, 96),
@@ -86,6 +99,12 @@ FIXTURE_CASES: dict[str, dict] = {
         "model_kwargs": dict(_DET_KWARGS), "frozen_bn": False, "frozen_bn_eps": None,
         "file": "torchvision_retinanet_resnet50_fpn_v2.pt",
     },
+    # Like RetinaNet v1, the COCO_V1 Faster R-CNN runs FrozenBN with eps 0.0 (overwrite_eps).
+    "fasterrcnn_resnet50_fpn": {
+        "arch": "fasterrcnn_resnet50_fpn", "seed": 0, "images": _RCNN_IMAGES,
+        "model_kwargs": dict(_DET_KWARGS), "frozen_bn": True, "frozen_bn_eps": 0.0,
+        "file": "torchvision_fasterrcnn_resnet50_fpn.pt",
+    },
 }  # fmt: skip
 
 Spec = dict[str, tuple[int, ...]]
@@ -94,7 +113,7 @@ Spec = dict[str, tuple[int, ...]]
 def _check_layout(arch: str, frozen_bn: bool | None) -> bool:
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
-    released_frozen = arch in ("fcos_resnet50_fpn", "retinanet_resnet50_fpn")
+    released_frozen = arch in RELEASED_FROZEN_BN
     if frozen_bn is None:
         return released_frozen
     if frozen_bn and not released_frozen:
@@ -137,18 +156,38 @@ def _resnet50(spec: Spec, prefix: str, bn: str, with_fc: bool) -> None:
         spec[f"{prefix}fc.bias"] = (1000,)
 
 
-def _fpn(spec: Spec, p6_in: int, legacy: bool) -> None:
+def _fpn(spec: Spec, in_channels: tuple[int, ...], p6_in: int | None, legacy: bool) -> None:
+    """FPN convs; ``p6_in`` is the P6 conv's input width (``None``: LastLevelMaxPool, no P6/P7)."""
     sub = "" if legacy else ".0"
     for block, shapes in (
-        ("inner_blocks", [(256, c, 1, 1) for c in (512, 1024, 2048)]),
-        ("layer_blocks", [(256, 256, 3, 3)] * 3),
+        ("inner_blocks", [(256, c, 1, 1) for c in in_channels]),
+        ("layer_blocks", [(256, 256, 3, 3)] * len(in_channels)),
     ):
         for i, shape in enumerate(shapes):
             spec[f"backbone.fpn.{block}.{i}{sub}.weight"] = shape
             spec[f"backbone.fpn.{block}.{i}{sub}.bias"] = (256,)
+    if p6_in is None:
+        return
     for name, c_in in (("p6", p6_in), ("p7", 256)):
         spec[f"backbone.fpn.extra_blocks.{name}.weight"] = (256, c_in, 3, 3)
         spec[f"backbone.fpn.extra_blocks.{name}.bias"] = (256,)
+
+
+def _rcnn(spec: Spec, legacy: bool) -> None:
+    """RPNHead (3x3 conv + ReLU, 1x1 objectness and deltas), TwoMLPHead, FastRCNNPredictor."""
+    conv = "rpn.head.conv" if legacy else "rpn.head.conv.0.0"
+    spec[f"{conv}.weight"] = (256, 256, 3, 3)
+    spec[f"{conv}.bias"] = (256,)
+    spec["rpn.head.cls_logits.weight"] = (RPN_ANCHORS, 256, 1, 1)
+    spec["rpn.head.cls_logits.bias"] = (RPN_ANCHORS,)
+    spec["rpn.head.bbox_pred.weight"] = (4 * RPN_ANCHORS, 256, 1, 1)
+    spec["rpn.head.bbox_pred.bias"] = (4 * RPN_ANCHORS,)
+    for name, fan_in in (("fc6", 256 * 7 * 7), ("fc7", RCNN_FC)):
+        spec[f"roi_heads.box_head.{name}.weight"] = (RCNN_FC, fan_in)
+        spec[f"roi_heads.box_head.{name}.bias"] = (RCNN_FC,)
+    for name, rows in (("cls_score", NUM_CLASSES_91), ("bbox_pred", 4 * NUM_CLASSES_91)):
+        spec[f"roi_heads.box_predictor.{name}.weight"] = (rows, RCNN_FC)
+        spec[f"roi_heads.box_predictor.{name}.bias"] = (rows,)
 
 
 def _tower(spec: Spec, prefix: str, arch: str, legacy: bool) -> None:
@@ -200,7 +239,12 @@ def torchvision_state_dict_spec(
         _resnet50(spec, "", bn, with_fc=True)
         return spec
     _resnet50(spec, "backbone.body.", bn, with_fc=False)
-    _fpn(spec, 2048 if arch == "retinanet_resnet50_fpn_v2" else 256, legacy_names)
+    if arch == "fasterrcnn_resnet50_fpn":
+        _fpn(spec, (256, 512, 1024, 2048), None, legacy_names)
+        _rcnn(spec, legacy_names)
+        return spec
+    _fpn(spec, (512, 1024, 2048), 2048 if arch == "retinanet_resnet50_fpn_v2" else 256,
+         legacy_names)
     _head(spec, arch, legacy_names)
     return spec
 
@@ -251,6 +295,13 @@ _HEAD_TUNING: dict[str, dict[str, float]] = {
         "cls_gain": 6.0, "cls_bias": -9.1, "cls_jitter": 0.1, "reg_gain": 0.2, "reg_bias": 0.0,
         "reg_jitter": 0.02,
     },
+    # rpn_*: RPN objectness / deltas; cls/reg: the R-CNN classifier and class-specific deltas
+    # (the latter divided by the box coder weights 10, 10, 5, 5); bg_bias: background logit.
+    "fasterrcnn_resnet50_fpn": {
+        "rpn_cls_gain": 4.0, "rpn_cls_bias": 0.0, "rpn_cls_jitter": 0.5, "rpn_reg_gain": 0.3,
+        "rpn_reg_bias": 0.0, "rpn_reg_jitter": 0.02, "cls_gain": 2.2, "cls_bias": 0.0,
+        "cls_jitter": 0.3, "bg_bias": 9.6, "reg_gain": 2.0, "reg_bias": 0.0, "reg_jitter": 0.1,
+    },
 }  # fmt: skip
 UNUSED_CLASS_BIAS = -30.0
 # A few BatchNorm channels get running_var ~ LOW_VAR (as dead-ish channels of trained networks do)
@@ -299,6 +350,8 @@ def _value(arch: str, key: str, spec: Spec, seed: int) -> Tensor:
         var = _uniform(g, shape, 0.5, 2.0)
         low = _low_var_channels(module, shape[0], seed)
         return torch.where(low, var * (LOW_VAR / 0.5), var)  # U(LOW_VAR, 4 LOW_VAR) there
+    if module in _RCNN_PREDICTOR_PART:
+        return _rcnn_predictor(arch, module, leaf, shape, g)
     if module.endswith(("cls_logits", "bbox_reg", "bbox_ctrness")):
         return _predictor(arch, module, leaf, shape, g)
     is_norm = len(spec[f"{module}.weight"]) == 1  # conv/fc weights are 4-D/2-D
@@ -346,6 +399,37 @@ def _predictor(
     return bias
 
 
+_RCNN_PREDICTOR_PART = {
+    "rpn.head.cls_logits": "rpn_cls",
+    "rpn.head.bbox_pred": "rpn_reg",
+    "roi_heads.box_predictor.cls_score": "cls",
+    "roi_heads.box_predictor.bbox_pred": "reg",
+}
+
+
+def _rcnn_predictor(
+    arch: str, module: str, leaf: str, shape: tuple[int, ...], g: torch.Generator
+) -> Tensor:
+    tune = _HEAD_TUNING[arch]
+    part = _RCNN_PREDICTOR_PART[module]
+    if leaf == "weight":
+        w = _sym(g, shape, tune[f"{part}_gain"] / math.sqrt(math.prod(shape[1:])))
+        if part != "cls":
+            return w
+        # fc7 features are ReLU outputs, so their common positive part would give every class a
+        # fixed offset; rows that sum to zero (second half = minus the first, no reduction, so
+        # bit-reproducible) see only the variation. Background / 'N/A' rows see nothing.
+        half = shape[1] // 2
+        w[:, half:] = -w[:, :half]
+        w[list(UNUSED_91_IDS[1:])] = 0.0
+        return w
+    bias = tune[f"{part}_bias"] + _sym(g, shape, tune[f"{part}_jitter"])
+    if part == "cls":
+        bias[0] = tune["bg_bias"]  # torchvision's background row
+        bias[list(UNUSED_91_IDS[1:])] = UNUSED_CLASS_BIAS
+    return bias
+
+
 def seeded_state_dict(
     arch: str, seed: int = 0, frozen_bn: bool | None = None, legacy_names: bool = False
 ) -> dict[str, Tensor]:
@@ -371,6 +455,13 @@ def seeded_state_dict(
     91-way layout onto 80 contiguous classes and drops those rows, which real trained weights
     never score above the threshold either; here they can never reach it, so both models see
     the same detections.
+
+    Faster R-CNN (``_rcnn_predictor``): the RPN objectness / deltas and the R-CNN regressor are
+    zero-mean uniform with std ``gain / sqrt(fan_in)``; the classifier's rows sum to zero (the
+    second half of each row is minus the first), its 'N/A' rows are zero with bias -30 (so they
+    add nothing to the softmax dynadet computes over 81 instead of 91 classes), and the
+    background row 0 keeps random weights with a large bias, so that a few dozen RoIs per image
+    pass the 0.05 score threshold.
 
     Returns: key -> Tensor, in torchvision's ``state_dict()`` order.
     """

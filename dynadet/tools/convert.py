@@ -1,16 +1,33 @@
 """Weight converters: foreign state dicts → dynadet checkpoints.
 
-``torchvision``: ``resnet50`` (ImageNet backbone), ``fcos_resnet50_fpn``, ``retinanet_resnet50_fpn``
-and ``retinanet_resnet50_fpn_v2``. torchvision's detection heads have 91 class outputs indexed by
-COCO category id (with a background slot and ten 'N/A' slots); the converter keeps the 80 real
-categories in sorted-id order (row ``a·91 + id`` → ``a·80 + k``) — trained weights never score the
-dropped slots above the detection threshold.
+``torchvision``: ``resnet50`` (ImageNet backbone), ``fcos_resnet50_fpn``,
+``retinanet_resnet50_fpn``, ``retinanet_resnet50_fpn_v2`` and ``fasterrcnn_resnet50_fpn``.
+torchvision's detection heads have 91 class outputs indexed by COCO category id (with a background
+slot and ten 'N/A' slots); the converter keeps the 80 real categories in sorted-id order (row
+``a·91 + id`` → ``a·80 + k``) — trained weights never score the dropped slots above the detection
+threshold.
+
+Faster R-CNN (``fasterrcnn_resnet50_fpn``; hosted file ``fasterrcnn_resnet50_fpn_coco-258fb6c6.pth``
+with the pre-0.13 names ``inner_blocks.{i}.weight`` / ``rpn.head.conv.weight``, or the
+``.0`` / ``.0.0`` names of newer torchvision):
+
+* ``backbone.body.*`` → ``backbone.*``; ``backbone.fpn.{inner,layer}_blocks.{i}[.0].*`` →
+  ``neck.{lateral,output}_convs.{i}.*``;
+* ``rpn.head.conv[.0.0].*`` → ``rpn.conv.*``; ``rpn.head.{cls_logits,bbox_pred}.*`` →
+  ``rpn.{cls_logits,bbox_pred}.*`` (3 anchors per location, ratios 0.5/1/2, same order);
+* ``roi_heads.box_head.fc{6,7}.*`` → ``roi_head.box_head.fc{6,7}.*``;
+* ``roi_heads.box_predictor.cls_score`` ``[91, 1024]`` → ``roi_head.cls_score`` ``[81, 1024]``:
+  rows of the 80 COCO ids, then the background row 0 last;
+* ``roi_heads.box_predictor.bbox_pred`` ``[364, 1024]`` → ``roi_head.bbox_pred`` ``[320, 1024]``:
+  rows ``4·id .. 4·id + 3`` of the 80 ids (background and 'N/A' rows dropped).
+
+:func:`take_class_rows` does these row selections (also for other converters).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -27,6 +44,7 @@ TORCHVISION_ARCHS = (
     "fcos_resnet50_fpn",
     "retinanet_resnet50_fpn",
     "retinanet_resnet50_fpn_v2",
+    "fasterrcnn_resnet50_fpn",
 )
 
 
@@ -43,6 +61,25 @@ def remap_class_rows(t: Tensor, num_anchors: int, old: int = 91) -> Tensor:
     idx = torch.tensor(COCO_IDS)
     rows = (torch.arange(num_anchors)[:, None] * old + idx[None, :]).reshape(-1)
     return t[rows].clone()
+
+
+def take_class_rows(
+    t: Tensor, ids: Sequence[int], rows_per_class: int = 1, num_classes: int | None = None
+) -> Tensor:
+    """Rows ``[rows_per_class·c, rows_per_class·(c + 1))`` of ``t`` for each ``c`` in ``ids``, in
+    that order (a classifier ``[C_old, ...]`` or class-specific regressor ``[4·C_old, ...]`` →
+    ``[rows_per_class·len(ids), ...]``). ``num_classes``: the expected ``C_old``, checked."""
+    if num_classes is not None and t.shape[0] != rows_per_class * num_classes:
+        raise ConversionError(
+            f"class predictor has {t.shape[0]} rows, expected {rows_per_class}·{num_classes}"
+        )
+    if t.shape[0] % rows_per_class or max(ids) >= t.shape[0] // rows_per_class:
+        raise ConversionError(
+            f"class predictor with {t.shape[0]} rows has no class {max(ids)} "
+            f"({rows_per_class} rows per class)"
+        )
+    index = torch.tensor(ids)[:, None] * rows_per_class + torch.arange(rows_per_class)
+    return t[index.reshape(-1)].clone()
 
 
 def _rename_torchvision(key: str, arch: str) -> str | None:
@@ -62,6 +99,13 @@ def _rename_torchvision(key: str, arch: str) -> str | None:
             r"neck.output_convs.\1.\2",
         ),
         (r"^backbone\.fpn\.extra_blocks\.(p6|p7)\.(weight|bias)$", r"neck.\1.\2"),
+        (r"^rpn\.head\.conv\.(?:0\.0\.)?(weight|bias)$", r"rpn.conv.\1"),
+        (r"^rpn\.head\.(cls_logits|bbox_pred)\.(weight|bias)$", r"rpn.\1.\2"),
+        (r"^roi_heads\.box_head\.(fc6|fc7)\.(weight|bias)$", r"roi_head.box_head.\1.\2"),
+        (
+            r"^roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)$",
+            r"roi_head.\1.\2",
+        ),
         (r"^head\.classification_head\.cls_logits\.(.*)$", r"head.cls_logits.\1"),
         (r"^head\.regression_head\.bbox_reg\.(.*)$", r"head.bbox_pred.\1"),
         (r"^head\.regression_head\.bbox_ctrness\.(.*)$", r"head.centerness.\1"),
@@ -97,14 +141,36 @@ def convert_torchvision(state: dict[str, Tensor], arch: str) -> dict[str, Tensor
             continue
         if new.startswith("head.cls_logits."):
             value = remap_class_rows(value, anchors)
+        elif new.startswith("roi_head.cls_score."):  # background (id 0) last
+            value = take_class_rows(value, [*COCO_IDS, 0], 1, num_classes=91)
+        elif new.startswith("roi_head.bbox_pred."):
+            value = take_class_rows(value, COCO_IDS, 4, num_classes=91)
         out[new] = value
     return out
 
 
+def _absent_training_state(converted: dict[str, Tensor], model: torch.nn.Module) -> set[str]:
+    """Keys of the model's Dynamic R-CNN statistics when the weights hold none of them: training
+    state that no reference checkpoint saves (the module then keeps its initial values)."""
+    from dynadet.models.dynamic_stats import DynamicTrainingStats
+
+    absent: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, DynamicTrainingStats):
+            keys = {f"{name}.{k}" if name else k for k in module.state_dict()}
+            if not keys & converted.keys():
+                absent |= keys
+    return absent
+
+
 def check_against_model(converted: dict[str, Tensor], model: torch.nn.Module, source: str) -> None:
-    """Every model key present with the right shape and no leftovers, or one error listing all."""
+    """Every model key present with the right shape and no leftovers, or one error listing all.
+
+    The buffers of a ``DynamicTrainingStats`` may be absent as a whole (reference checkpoints
+    never hold them; loading keeps their initial values)."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in converted]
+    optional = _absent_training_state(converted, model)
+    missing = [k for k in expected if k not in converted and k not in optional]
     unexpected = [k for k in converted if k not in expected]
     wrong = [
         f"{k}: got {tuple(converted[k].shape)}, expected {tuple(v.shape)}"
@@ -125,6 +191,7 @@ TORCHVISION_PRESETS = {
     "fcos_resnet50_fpn": "torchvision/fcos_resnet50_fpn",
     "retinanet_resnet50_fpn": "torchvision/retinanet_resnet50_fpn",
     "retinanet_resnet50_fpn_v2": "torchvision/retinanet_resnet50_fpn_v2",
+    "fasterrcnn_resnet50_fpn": "torchvision/fasterrcnn_resnet50_fpn",
 }
 
 
@@ -183,6 +250,10 @@ CONVERTERS: dict[str, Callable[..., Path]] = {
     "torchvision": convert_torchvision_file,
     # arch optional below: a preset name, YAML path or config mapping; None = from the keys
     "dyhead-official": _lazy("dynadet.tools.convert_dyhead", "convert_dyhead_official_file"),
-    "mmdet": _lazy("dynadet.tools.convert_dyhead", "convert_mmdet_file"),  # ATSS + DyHead
+    # ATSS + DyHead, or Faster / Dynamic R-CNN (dispatched by the rpn_head.* / roi_head.* keys)
+    "mmdet": _lazy("dynadet.tools.convert_dyhead", "convert_mmdet_file"),
     "fgdh-official": _lazy("dynadet.tools.convert_fgdh", "convert_fgdh_file"),
+    "dynamic-rcnn-official": _lazy(
+        "dynadet.tools.convert_rcnn", "convert_dynamic_rcnn_official_file"
+    ),
 }
