@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     from dynadet.data.synthetic import write_synthetic_dataset
 
     data = Path(args.data or Path(args.out).parent / "data")
-    if not (data / "annotations" / "val.json").exists():
-        write_synthetic_dataset(data, args.images, seed=args.seed, height=192, width=240)
+    # reuses the folder when it holds this exact data set (the writer keeps a marker)
+    write_synthetic_dataset(data, args.images, seed=args.seed, height=192, width=240)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     base = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
