@@ -19,6 +19,7 @@ from dynadet.models.retinanet import RetinaNetHead
 from dynadet.models.roi_head import RoIHead
 from dynadet.models.routing_heads import ATSSRoutingHead, RetinaNetRoutingHead
 from dynadet.models.rpn import RPNHead
+from dynadet.models.rpn_routing import RPNRoutingHead
 from dynadet.models.swin import SwinTransformer
 from dynadet.models.two_stage import TwoStageDetector
 from dynadet.ops.roi_align import MultiScaleRoIAlign
@@ -40,6 +41,7 @@ REGISTRY: dict[str, Callable] = {
     "Preprocessor": Preprocessor,
     "TwoStageDetector": TwoStageDetector,
     "RPNHead": RPNHead,
+    "RPNRoutingHead": RPNRoutingHead,
     "RoIHead": RoIHead,
     "MultiScaleRoIAlign": MultiScaleRoIAlign,
     "DynamicTrainingStats": DynamicTrainingStats,

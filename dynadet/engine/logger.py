@@ -72,7 +72,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 # Logged training statistics of the dynamic methods, plotted in plots/dynamics.png.
-DYNAMIC_KEYS = ("iou_thresh", "beta", "complexity_ratio")
+DYNAMIC_KEYS = ("iou_thresh", "beta", "complexity_ratio", "rpn_complexity_ratio")
 
 
 def plot_run(run_dir: Path) -> list[Path]:
