@@ -41,16 +41,20 @@ POINTS = {"type": "AnchorGenerator", "strides": [8, 16, 32], "ratios": [1.0],
 RANGES = [[-1, 32], [32, 64], [64, 1e8]]
 
 
-def _atss(dyhead_blocks: int) -> dict[str, Any]:
+def _atss(dyhead_blocks: int, offset_init: str = "default", keep_towers: bool = False
+          ) -> dict[str, Any]:
     head = {"type": "ATSSHead", "num_classes": 5, "in_channels": 96, "feat_channels": 96,
             "num_convs": 2, "norm": "gn",
             "anchor_generator": dict(POINTS, octave_base_scale=8)}
     if not dyhead_blocks:
         return {"neck": FPN, "head": head}
-    dyhead = {"type": "DyHead", "in_channels": 96, "channels": 96, "num_blocks": dyhead_blocks}
+    dyhead = {"type": "DyHead", "in_channels": 96, "channels": 96, "num_blocks": dyhead_blocks,
+              "offset_init": offset_init}
+    neck = {"type": "Chain", "modules": [FPN, dyhead]}
+    if keep_towers:  # DyHead in front of the unchanged ATSS head (as for RetinaNet)
+        return {"neck": neck, "head": head}
     # DyHead's ATSS: the towers live in the neck, 1x1 predictors
-    return {"neck": {"type": "Chain", "modules": [FPN, dyhead]},
-            "head": dict(head, num_convs=0, pred_kernel_size=1)}
+    return {"neck": neck, "head": dict(head, num_convs=0, pred_kernel_size=1)}
 
 
 def _fcos_routing(dynamic: bool) -> dict[str, Any]:
@@ -78,7 +82,10 @@ def _rcnn(dynamic: bool, interval: int) -> dict[str, Any]:
 def pair_configs(pair: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """``{run name: model overrides}`` for a pair."""
     if pair == "dyhead":
-        return {"atss": _atss(0), f"atss_dyhead{args.dyhead_blocks}": _atss(args.dyhead_blocks)}
+        name = f"atss_dyhead{args.dyhead_blocks}_offset_{args.offset_init}"
+        name += "_towers" if args.keep_towers else ""
+        return {"atss": _atss(0),
+                name: _atss(args.dyhead_blocks, args.offset_init, args.keep_towers)}
     if pair == "fgdh":
         return {"fix_d4": _fcos_routing(False), "dynamic_d4_lambda0.1": _fcos_routing(True)}
     if pair == "rcnn":
@@ -104,6 +111,8 @@ def run_one(name: str, model: dict[str, Any], args: argparse.Namespace) -> dict[
                               "image_dir": str(data / "images")}
     cfg["train"].update(max_iters=args.iters, num_evals=1, checkpoint_period=args.iters,
                         seed=args.seed, log_period=50)
+    if args.lr:
+        cfg["train"]["lr"] = args.lr
     cfg["data"]["num_workers"] = 0
     start = time.perf_counter()
     result = train(cfg, Path(args.out) / name, device="cpu")
@@ -143,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dyhead-blocks", type=int, default=2)
+    parser.add_argument("--offset-init", default="default", choices=["default", "zero", "normal"],
+                        help="DyHead offset-conv init (official: default; MMDetection: zero)")
+    parser.add_argument("--lr", type=float, default=None, help="AdamW lr (quickstart's 0.004)")
+    parser.add_argument("--keep-towers", action="store_true",
+                        help="keep ATSS's conv towers after DyHead (default: 1x1 predictors)")
     parser.add_argument("--interval", type=int, default=20, help="Dynamic R-CNN update interval")
     parser.add_argument("--jobs", type=int, default=2, help="runs at the same time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
