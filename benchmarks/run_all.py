@@ -59,6 +59,7 @@ ALIASES = {"compare_training": [f"compare_{p}" for p in PAIRS]}
 SCRIPTS = {"ops", "masked_conv", "dyhead", "fgdh", "compare_training", "loader", "run_all"}
 # flags per section: (full run, --quick); --threads/--device/--out are added separately
 FULL: dict[str, list[str]] = {
+    "compare": ["--iters", "300"],  # the README's tables
     "throughput": ["--train", "--size", "320", "320", "--batch-sizes", "2", "--iters", "3"],
 }
 QUICK: dict[str, list[str]] = {
