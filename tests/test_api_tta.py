@@ -13,7 +13,7 @@ TINY = ["model.backbone.base_width=8", "model.neck.out_channels=16",
 
 def test_tta_from_config_and_checkpoint(tmp_path):
     torch.manual_seed(0)
-    plain = Detector.from_config("quickstart", TINY)
+    plain = Detector.from_config("quickstart_fcos", TINY)
     assert plain.runner is plain.model
     path = plain.save(tmp_path / "w")
     tta = Detector.from_checkpoint(path, ["test.tta={scales: [96, 128], flip: true}"])

@@ -94,6 +94,13 @@ def run(args: argparse.Namespace, overrides: list[str] | None = None) -> dict[st
     return {"metrics": metrics, "run_dir": str(out), "seconds": total_s}
 
 
+def _last_logged(out: Path, key: str) -> float | None:
+    from dynadet.engine.logger import read_metrics
+
+    values = [r[key] for r in read_metrics(out / "metrics.jsonl") if key in r]
+    return float(values[-1]) if values else None
+
+
 def _summary(
     out: Path, cfg: dict, result: dict, metrics: dict, total_s: float, ckpt: Path, plots: list[Path]
 ) -> str:
@@ -109,6 +116,10 @@ def _summary(
         "|---|---|",
     ]
     lines += [f"| {k} | {v:.1f} |" for k, v in metrics.items()]
+    ratio = _last_logged(out, "complexity_ratio")
+    if ratio is not None:
+        lines += ["", f"Dynamic head: the gates executed {ratio:.1%} of the head's full tower "
+                  "cost at the last logged iteration (`plots/dynamics.png` shows the curve)."]
     lines += ["", f"Checkpoint: `{ckpt}`", ""]
     for p in plots:
         lines.append(f"![{p.stem}]({p.relative_to(out)})")

@@ -41,7 +41,7 @@ def _batch(empty_second_half: bool) -> tuple[list[torch.Tensor], list[dict]]:
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return build_model(load_config("quickstart", TINY)).train()
+    return build_model(load_config("quickstart_fcos", TINY)).train()
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -111,7 +111,7 @@ def test_torchrun_trains_with_side_effects_on_rank_zero_only(tmp_path: Path) -> 
 
     paths = write_synthetic_dataset(tmp_path / "data", 8, seed=1, height=64, width=80,
                                     progress=False)
-    cfg = load_config("quickstart", TINY + ["train.batch_size=4", "train.max_iters=3",
+    cfg = load_config("quickstart_fcos", TINY + ["train.batch_size=4", "train.max_iters=3",
                                             "train.log_period=1", "train.tensorboard=false",
                                             "data.num_workers=0", "train.num_evals=1"])
     cfg["data"]["train"] = {"ann_file": str(paths["train"]), "image_dir": str(paths["images"])}

@@ -41,7 +41,7 @@ def data_dir(tmp_path_factory) -> dict[str, Path]:
 
 
 def tiny_cfg(paths: dict[str, Path], extra: list[str] = ()) -> dict:
-    cfg = load_config("quickstart", TINY + list(extra))
+    cfg = load_config("quickstart_fcos", TINY + list(extra))
     cfg["data"]["train"] = {"ann_file": str(paths["train"]), "image_dir": str(paths["images"])}
     cfg["data"]["val"] = {"ann_file": str(paths["val"]), "image_dir": str(paths["images"])}
     return cfg
@@ -182,7 +182,7 @@ def test_cli_reports_config_typos(capsys):
 def test_python_api_train_evaluate_predict(data_dir, tmp_path):
     from dynadet import Detector
 
-    det = Detector.from_config("quickstart", TINY + ["train.max_iters=2"])
+    det = Detector.from_config("quickstart_fcos", TINY + ["train.max_iters=2"])
     result = det.train((data_dir["train"], data_dir["images"]), run_dir=tmp_path / "api")
     assert result["iterations"] == 2
     res = det.evaluate(data_dir["val"], data_dir["images"])

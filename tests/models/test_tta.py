@@ -120,7 +120,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def tiny_detector() -> nn.Module:
     torch.manual_seed(0)
-    return build_model(load_config("quickstart", TINY)).eval()
+    return build_model(load_config("quickstart_fcos", TINY)).eval()
 
 
 def _images() -> list[Tensor]:

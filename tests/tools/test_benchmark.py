@@ -45,9 +45,9 @@ def run_json(capsys: pytest.CaptureFixture[str], argv: list[str], **kw) -> dict:
 
 def test_quickstart_json_has_every_field(capsys: pytest.CaptureFixture[str]) -> None:
     torch.manual_seed(0)
-    result = run_json(capsys, ["quickstart", "--size", "64", "64", "--iters", "2", "--warmup",
+    result = run_json(capsys, ["quickstart_fcos", "--size", "64", "64", "--iters", "2", "--warmup",
                                "0", "--batch-sizes", "1", "2", "--num-images", "1", "--train"])
-    model = build_model(load_config("quickstart"))
+    model = build_model(load_config("quickstart_fcos"))
     n_params = sum(p.numel() for p in model.parameters())
     assert result["params"]["total"] == n_params == sum(result["params"]["parts"].values())
     assert result["input_size"] == [64, 64] and result["device"] == "cpu"
@@ -73,14 +73,14 @@ def test_quickstart_json_has_every_field(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_table_output_and_flops_only(capsys: pytest.CaptureFixture[str]) -> None:
-    args = parse(["quickstart", "--size", "64", "64", "--flops", "--num-images", "1",
+    args = parse(["quickstart_fcos", "--size", "64", "64", "--flops", "--num-images", "1",
                   "--no-progress"])
     assert run_benchmark(args) == 0
     text = capsys.readouterr().out
     assert "| part | GMACs | GFLOPs | share |" in text and "| head.cls_tower |" in text
     assert "latency" not in text
     # key=value after --batch-sizes (nargs="+") still reaches the config
-    result = run_json(capsys, ["quickstart", "--size", "64", "64", "--flops", "--num-images",
+    result = run_json(capsys, ["quickstart_fcos", "--size", "64", "64", "--flops", "--num-images",
                                "0", "--batch-sizes", "1", "model.head.num_convs=1"])
     assert result["inference"] is None and result["train"] is None
     assert result["head_cost"] is None and result["overrides"] == ["model.head.num_convs=1"]
@@ -118,10 +118,10 @@ def test_dynamic_head_cost_over_a_data_folder_and_coco_json(
 
 def test_weights_and_size_are_applied(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    source = build_model(load_config("quickstart"))
-    ckpt = save_checkpoint(tmp_path / "ckpt", source.state_dict(), load_config("quickstart"),
+    source = build_model(load_config("quickstart_fcos"))
+    ckpt = save_checkpoint(tmp_path / "ckpt", source.state_dict(), load_config("quickstart_fcos"),
                            ["a", "b", "c", "d", "e"])
-    model, cfg = build_for_benchmark("quickstart", weights=ckpt, size=(48, 80))
+    model, cfg = build_for_benchmark("quickstart_fcos", weights=ckpt, size=(48, 80))
     assert all(torch.equal(a, b) for a, b in zip(
         model.state_dict().values(), source.state_dict().values(), strict=True))
     assert (cfg["model"]["preprocess"]["min_size"], cfg["model"]["preprocess"]["max_size"]) == (

@@ -53,7 +53,7 @@ def small_atss_dyhead() -> dict:
 
 def small_routing(dynamic: bool, gn_mode: str = "masked") -> dict:
     """The quickstart FCOS with FGDH routing towers (1 layer, 32 channels, GN 8 groups)."""
-    cfg = load_config("quickstart", ["model.neck.out_channels=32"])
+    cfg = load_config("quickstart_fcos", ["model.neck.out_channels=32"])
     head = cfg["model"]["head"]
     for key in ("feat_channels", "num_convs", "norm", "conv_bias"):
         del head[key]
@@ -118,7 +118,7 @@ def test_export_dcn_equals_deform_conv2d(stride: int) -> None:
 @needs_ort
 def test_fcos_quickstart_matches_onnxruntime(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    det = Detector.from_config("quickstart")
+    det = Detector.from_config("quickstart_fcos")
     perturb(det.model, 0)
     path = export_onnx(det, tmp_path / "fcos.onnx", size=(96, 96))
     meta = compare(det.model, path, batch_of((96, 96)))
@@ -169,7 +169,7 @@ def test_routing_head_matches_onnxruntime(tmp_path: Path, dynamic: bool, gn_mode
 def test_masked_dynamic_routing_and_bad_sizes_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="gn_mode=dense"):
         export_onnx(build_model(small_routing(True)), tmp_path / "x.onnx", size=(64, 64))
-    model = build_model(load_config("quickstart"))
+    model = build_model(load_config("quickstart_fcos"))
     with pytest.raises(ValueError, match="multiples of size_divisor=32"):
         export_onnx(model, tmp_path / "x.onnx", size=(100, 96))
     with pytest.raises(ValueError, match="GridSample"):
@@ -182,14 +182,14 @@ def test_masked_dynamic_routing_and_bad_sizes_are_refused(tmp_path: Path) -> Non
 @needs_ort
 def test_run_export_from_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     det = Detector.from_config(
-        "quickstart",
+        "quickstart_fcos",
         ["model.neck.out_channels=32", "model.head.in_channels=32", "model.head.feat_channels=32"],
     )
     det.class_names = ["a", "b", "c", "d", "e"]
     ckpt = det.save(tmp_path / "ckpt")
     parser = argparse.ArgumentParser()
     add_export_arguments(parser)
-    args = parser.parse_args(["quickstart", "--format", "onnx", "--size", "64", "96"])
+    args = parser.parse_args(["quickstart_fcos", "--format", "onnx", "--size", "64", "96"])
     args.set, args.keys = [], {"weights": str(ckpt.parent)}
     assert run_export(args) == 0
     out = tmp_path / "ckpt" / "model.onnx"
