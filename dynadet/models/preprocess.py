@@ -42,7 +42,9 @@ class Preprocessor(nn.Module):
     most ``max_size`` (``scale = min(min_size/short, max_size/long)``, output size
     ``floor(side·scale)``), zero padding to a multiple of ``size_divisor``.
 
-    During training ``min_size`` may be a list (a random choice per image, multi-scale training).
+    During training ``min_size`` may be a list (a random choice per image, multi-scale training);
+    inference uses ``test_min_size`` (default: the last ``min_size``) and ``test_max_size``
+    (default: ``max_size``).
     Augmentations that change content (flips, colour jitter) belong to the data pipeline
     (:mod:`dynadet.data.transforms`), so inference needs nothing but this module.
 
@@ -61,6 +63,7 @@ class Preprocessor(nn.Module):
         max_size: int | None = 1333,
         test_min_size: int | None = None,
         size_divisor: int = 32,
+        test_max_size: int | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
@@ -70,6 +73,8 @@ class Preprocessor(nn.Module):
         self.min_sizes = [min_size] if isinstance(min_size, int) else [int(s) for s in min_size]
         self.max_size = max_size
         self.test_min_size = test_min_size if test_min_size is not None else self.min_sizes[-1]
+        # long-side cap at inference when it differs from training's (None: max_size)
+        self.test_max_size = test_max_size
         self.size_divisor = size_divisor
 
     def normalize(self, image: Tensor) -> Tensor:
@@ -85,8 +90,11 @@ class Preprocessor(nn.Module):
 
     def scale_for(self, h: int, w: int, min_size: int) -> float:
         scale = min_size / min(h, w)
-        if self.max_size is not None:
-            scale = min(scale, self.max_size / max(h, w))
+        cap = self.max_size
+        if not self.training and self.test_max_size is not None:
+            cap = self.test_max_size
+        if cap is not None:
+            scale = min(scale, cap / max(h, w))
         return scale
 
     def resize(self, image: Tensor, min_size: int) -> Tensor:

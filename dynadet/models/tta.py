@@ -101,16 +101,21 @@ class TestTimeAugmentation(nn.Module):
         widths = [int(im.shape[-1]) for im in images]
         runs = []  # one list of per-image results per run
         pre = self.detector.preprocess
-        saved = (pre.test_min_size, pre.max_size)
+        has_test_max = hasattr(pre, "test_max_size")
+        saved = (pre.test_min_size, pre.max_size, getattr(pre, "test_max_size", None))
         try:
             for scale in self.scales:
                 pre.test_min_size, pre.max_size = scale, self.max_size
+                if has_test_max:
+                    pre.test_max_size = None  # the TTA's own cap applies
                 runs.append(self.detector(images))
                 if self.flip:
                     mirrored = self.detector([im.flip(-1) for im in images])
                     runs.append([_unflip(r, w) for r, w in zip(mirrored, widths, strict=True)])
         finally:
-            pre.test_min_size, pre.max_size = saved
+            pre.test_min_size, pre.max_size = saved[:2]
+            if has_test_max:
+                pre.test_max_size = saved[2]
         return [self._merge([run[i] for run in runs]) for i in range(len(images))]
 
     def _merge(self, results: list[dict[str, Tensor]]) -> dict[str, Tensor]:
