@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from dynadet.api import build_model
 from dynadet.config import load_config
+from dynadet.tools.benchmark import interleaved_medians
 from dynadet.tools.flops import MacCounter
 
 MODELS = {
@@ -41,25 +39,6 @@ MODELS = {
 def network(model: nn.Module, x: Tensor) -> object:
     """Backbone, neck and head of a one-stage detector on a preprocessed batch."""
     return model.head(model.features(x))
-
-
-def interleaved_medians(
-    fns: dict[str, Callable[[], object]], repeat: int, device: torch.device
-) -> dict[str, float]:
-    """Median wall time (ms) of each function, runs interleaved after one warm-up each."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:

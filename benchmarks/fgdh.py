@@ -27,9 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +35,7 @@ from torch import Tensor, nn
 from dynadet.config import build, load_config
 from dynadet.models.routing import SpatialGate
 from dynadet.registry import REGISTRY
+from dynadet.tools.benchmark import interleaved_medians
 from dynadet.tools.flops import PAPER_UNIT, MacCounter, level_sizes
 
 FIX, DYNAMIC = "fgdh_r50_fcos_fix_d8_1x", "fgdh_r50_fcos_dynamic_d8_mid_1x"
@@ -87,25 +85,6 @@ def force_density(head: nn.Module, density: float, pattern: str) -> int:
     for i, (parent, name, child) in enumerate(targets):
         setattr(parent, name, ForcedDensityGate(child, density, pattern, seed=i))
     return len(targets)
-
-
-def interleaved_medians(
-    fns: dict[str, Callable[[], object]], repeat: int, device: torch.device
-) -> dict[str, float]:
-    """Median wall time (ms) of each function, runs interleaved after one warm-up each."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:

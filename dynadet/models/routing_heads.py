@@ -9,7 +9,8 @@ loss and cost accounting. The predictors, assignment, losses and decoding stay t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -31,6 +32,26 @@ def split_routing_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[s
     """Separate the routing arguments from the base head's."""
     routing = {k: kwargs.pop(k) for k in _ROUTING_KEYS if k in kwargs}
     return routing, kwargs
+
+
+def routing_signature(
+    base_init: Callable[..., Any],
+    drop: Sequence[str] = (),
+    extra: Sequence[str] = (),
+    defaults: dict[str, Any] | None = None,
+) -> inspect.Signature:
+    """The constructor signature of a routing head: ``base_init``'s parameters without ``drop``,
+    then the routing arguments of :meth:`RoutingTowersMixin.setup_routing` (and the keyword-only
+    ``extra`` names), so a config with a mistyped key gets "did you mean" like any module."""
+    base = [p for name, p in inspect.signature(base_init).parameters.items()
+            if name != "self" and name not in drop and p.kind is not p.VAR_KEYWORD]
+    names = {p.name for p in base}
+    defaults = defaults or {}
+    routing = [p.replace(kind=p.KEYWORD_ONLY, default=defaults.get(name, p.default))
+               for name, p in inspect.signature(RoutingTowersMixin.setup_routing).parameters.items()
+               if name not in ("self", "channels") and name not in names]
+    routing += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in extra]
+    return inspect.Signature([*base, *routing])
 
 
 class RoutingTowersMixin:
@@ -133,3 +154,11 @@ class RetinaNetRoutingHead(RoutingTowersMixin, RetinaNetHead):
         rest.update(num_convs=0, feat_channels=in_channels, dynamic=stats)
         RetinaNetHead.__init__(self, num_classes, anchor_generator, in_channels=in_channels, **rest)
         self.setup_routing(in_channels, **routing)
+
+
+# Tower arguments of the base heads do not apply: the towers are routing layers of the input width.
+_TOWER_ARGS = ("feat_channels", "num_convs", "norm", "conv_bias")
+ATSSRoutingHead.__signature__ = routing_signature(ATSSHead.__init__, _TOWER_ARGS)
+RetinaNetRoutingHead.__signature__ = routing_signature(
+    RetinaNetHead.__init__, (*_TOWER_ARGS, "dynamic"), extra=("dynamic_stats",)
+)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dynadet.models.routing import RoutingCost, RoutingTower, budget_loss
-from dynadet.models.routing_heads import split_routing_kwargs
+from dynadet.models.routing_heads import routing_signature, split_routing_kwargs
 from dynadet.models.rpn import RPNHead
 
 __all__ = ["RPNRoutingHead"]
@@ -75,3 +75,6 @@ class RPNRoutingHead(RPNHead):
             losses["loss_rpn_budget"] = budget_loss(cost, self.budget_loss_weight)
         losses["rpn_complexity_ratio"] = (cost.executed / cost.full).mean().float()
         return losses
+
+
+RPNRoutingHead.__signature__ = routing_signature(RPNHead.__init__, defaults={"num_layers": 1})

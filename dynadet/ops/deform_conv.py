@@ -168,6 +168,36 @@ def _base_grid(
     return (2 * pos + 1) / size - 1
 
 
+def sampling_grid(
+    offset: Tensor,
+    size: tuple[int, int],
+    out_size: tuple[int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
+    """``grid_sample`` grid ``[N·G, K, Ho, Wo, 2]`` ((x, y) last, normalised) of every tap.
+
+    ``offset``: ``[N, 2·G·K, Ho, Wo]`` as (Δy, Δx) pairs per tap; the batch is written as ``-1``
+    so a traced graph keeps it dynamic.
+    """
+    (h, w), (ho, wo), (kh, kw) = size, out_size, kernel
+    taps = kh * kw
+    off = offset.reshape(-1, taps, 2, ho, wo).flip(2).permute(0, 1, 3, 4, 2)
+    base_y = _base_grid(h, ho, kh, stride[0], padding[0], dilation[0], off)
+    base_x = _base_grid(w, wo, kw, stride[1], padding[1], dilation[1], off)
+    base = torch.stack(
+        (
+            base_x[None, :, None, :].expand(kh, kw, ho, wo),
+            base_y[:, None, :, None].expand(kh, kw, ho, wo),
+        ),
+        dim=-1,
+    ).reshape(taps, ho, wo, 2)
+    scale = torch.tensor([2 / w, 2 / h], dtype=off.dtype, device=off.device)
+    return torch.addcmul(base, off, scale)
+
+
 def _deform_conv2d_torch(
     input: Tensor,
     offset: Tensor,
@@ -190,19 +220,8 @@ def _deform_conv2d_torch(
     cin_g = cin // offset_groups
     ng = n * offset_groups
 
-    # Grid [N*G, K, Ho, Wo, 2] with (x, y) last, as grid_sample wants; offsets are (dy, dx).
-    off = offset.to(sample_dtype).reshape(ng, taps, 2, ho, wo).flip(2).permute(0, 1, 3, 4, 2)
-    base_y = _base_grid(h, ho, kh, stride[0], padding[0], dilation[0], off)
-    base_x = _base_grid(w, wo, kw, stride[1], padding[1], dilation[1], off)
-    base = torch.stack(
-        (
-            base_x[None, :, None, :].expand(kh, kw, ho, wo),
-            base_y[:, None, :, None].expand(kh, kw, ho, wo),
-        ),
-        dim=-1,
-    ).reshape(taps, ho, wo, 2)
-    scale = torch.tensor([2 / w, 2 / h], dtype=sample_dtype, device=off.device)
-    grid = torch.addcmul(base, off, scale)
+    grid = sampling_grid(offset.to(sample_dtype), (h, w), (ho, wo), (kh, kw), stride, padding,
+                         dilation)
 
     source = input.to(sample_dtype).reshape(ng, cin_g, h, w)
     depth = (cin // groups) * taps

@@ -293,6 +293,24 @@ def time_runs(
     return times, memory
 
 
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeat: int, device: torch.device
+) -> dict[str, float]:
+    """Median wall time (ms) of each function; one warm-up each, then the runs interleaved so
+    machine load hits them alike (the comparisons of ``benchmarks/*.py``)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def _timing_row(batch_size: int, times: list[float], memory: PeakMemory) -> dict[str, Any]:
     median = statistics.median(times)
     return {

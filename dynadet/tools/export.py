@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynadet.ops import deform_conv as dcn
-from dynadet.ops.deform_conv import _base_grid, _check_shapes, _output_size, _pair
+from dynadet.ops.deform_conv import _check_shapes, _output_size, _pair, sampling_grid
 
 __all__ = ["DenseHeadExport", "add_export_arguments", "export_onnx", "run_export"]
 
@@ -108,18 +108,7 @@ def _deform_conv2d_export(
         int(v) for v in _check_shapes(input, offset, weight, bias, mask, (ho, wo))
     )
     cin_g = cin // offset_groups
-    # grid [N·G, K, Ho, Wo, 2], (x, y) last; offsets come as (dy, dx) pairs
-    off = offset.reshape(-1, taps, 2, ho, wo).flip(2).permute(0, 1, 3, 4, 2)
-    base_y = _base_grid(h, ho, kh, stride[0], padding[0], dilation[0], off)
-    base_x = _base_grid(w, wo, kw, stride[1], padding[1], dilation[1], off)
-    base = torch.stack(
-        (
-            base_x[None, :, None, :].expand(kh, kw, ho, wo),
-            base_y[:, None, :, None].expand(kh, kw, ho, wo),
-        ),
-        dim=-1,
-    ).reshape(taps, ho, wo, 2)
-    grid = base + off * off.new_tensor([2 / w, 2 / h])
+    grid = sampling_grid(offset, (h, w), (ho, wo), (kh, kw), stride, padding, dilation)
     sampled = F.grid_sample(
         input.reshape(-1, cin_g, h, w),
         grid.reshape(-1, taps * ho, wo, 2),

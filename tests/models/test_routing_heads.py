@@ -151,3 +151,15 @@ def test_retinanet_routing_with_dynamic_training_stats() -> None:
     losses = h.loss(h(feats), h.priors(feats, (64, 96)), targets())
     assert {"iou_thresh", "beta", "loss_budget"} <= set(losses)
     assert int(stats.num_updates) == 1
+
+
+@pytest.mark.parametrize("name", ["ATSSRoutingHead", "RetinaNetRoutingHead", "RPNRoutingHead"])
+def test_config_typos_get_did_you_mean(name: str) -> None:
+    from dynadet.config import ConfigError
+
+    gen = {"type": "AnchorGenerator", "strides": STRIDES, "ratios": [1.0], "octave_base_scale": 8}
+    node = {"type": name, "num_layer": 2, "anchor_generator": gen}
+    if name != "RPNRoutingHead":
+        node["num_classes"] = 3
+    with pytest.raises(ConfigError, match="did you mean 'num_layers'"):
+        build(node, REGISTRY)
