@@ -16,8 +16,11 @@ from __future__ import annotations
 import argparse
 import colorsys
 import json
+import multiprocessing as mp
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,6 +216,40 @@ def render_scene(
     )
 
 
+def _render_file(job: tuple[int, int, int, int, str]) -> tuple[int, int, list, list, list]:
+    """Render image ``i`` of a data set and write its PNG; returns its size and labels.
+
+    Each image has its own seed (``[seed, i]``), so the result does not depend on which process
+    renders it or in which order."""
+    seed, i, height, width, path = job
+    size_rng = np.random.default_rng([seed, i, 1])
+    h = round(height * size_rng.uniform(0.8, 1.2))
+    w = round(width * size_rng.uniform(0.8, 1.2))
+    scene = render_scene(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]), h, w)
+    Image.fromarray(scene.image).save(path, compress_level=1)
+    return h, w, scene.boxes.tolist(), scene.labels.tolist(), scene.areas.tolist()
+
+
+def _num_workers(workers: int | None, num_images: int) -> int:
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 8)
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    return 0 if num_images < 64 else workers  # a pool costs more than a few images
+
+
+@contextmanager
+def _pool(workers: int) -> Iterator[Any]:
+    """A fork-started process pool of ``workers`` (``None`` for ``workers <= 1``, or where fork
+    is unavailable). Rendering uses NumPy and PIL only, so forking a process that has started
+    PyTorch's thread pools is safe."""
+    if workers <= 1 or "fork" not in mp.get_all_start_methods():
+        yield None
+        return
+    with mp.get_context("fork").Pool(workers) as pool:
+        yield pool
+
+
 def _params(num_images: int, seed: int, height: int, width: int, val_fraction: float
             ) -> dict[str, Any]:
     return {"num_images": num_images, "seed": seed, "height": height, "width": width,
@@ -233,6 +270,7 @@ def write_synthetic_dataset(
     width: int = 320,
     val_fraction: float = 0.2,
     progress: bool = True,
+    workers: int | None = None,
 ) -> dict[str, Path]:
     """Write a COCO-format synthetic data set; returns its paths.
 
@@ -241,7 +279,9 @@ def write_synthetic_dataset(
     split, ``round(N * val_fraction)`` validation images, at least one image in train),
     categories ids ``1..K`` named by ``SHAPE_CLASSES``; ``area`` is the visible pixel count
     (COCO's mask-area convention), ``iscrowd`` 0. ``out_dir/synth.json`` records the
-    parameters; when it matches and every file exists, nothing is rewritten.
+    parameters; when it matches and every file exists, nothing is rewritten. ``workers``
+    processes render in parallel (default: one per CPU core, at most 8; ``0``: in this
+    process); the data set is the same for any number.
 
     Returns ``{"root", "images", "train", "val"}``.
     """
@@ -274,20 +314,22 @@ def write_synthetic_dataset(
     paths["images"].mkdir(parents=True, exist_ok=True)
     paths["train"].parent.mkdir(parents=True, exist_ok=True)
 
+    jobs = [(seed, i, height, width, str(files[i])) for i in range(num_images)]
+    workers = _num_workers(workers, num_images)
+    bar = tqdm(total=num_images, desc="synthetic images", unit="img", disable=not progress)
     images, anns = [], []
-    for i in tqdm(range(num_images), desc="synthetic images", unit="img", disable=not progress):
-        image_id = i + 1
-        size_rng = np.random.default_rng([seed, i, 1])
-        h = round(height * size_rng.uniform(0.8, 1.2))
-        w = round(width * size_rng.uniform(0.8, 1.2))
-        scene = render_scene(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]), h, w)
-        Image.fromarray(scene.image).save(files[i], compress_level=1)
-        images.append({"id": image_id, "file_name": files[i].name, "height": h, "width": w})
-        for box, label, area in zip(scene.boxes.tolist(), scene.labels.tolist(),
-                                    scene.areas.tolist(), strict=True):
-            x0, y0, x1, y1 = box
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": label + 1,
-                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": area, "iscrowd": 0})
+    with _pool(workers) as pool:
+        rendered = pool.imap(_render_file, jobs, chunksize=16) if pool else map(_render_file, jobs)
+        for image_id, (h, w, boxes, labels, areas) in enumerate(rendered, start=1):
+            images.append({"id": image_id, "file_name": files[image_id - 1].name, "height": h,
+                           "width": w})
+            for box, label, area in zip(boxes, labels, areas, strict=True):
+                x0, y0, x1, y1 = box
+                anns.append({"id": len(anns) + 1, "image_id": image_id,
+                             "category_id": label + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                             "area": area, "iscrowd": 0})
+            bar.update(1)
+    bar.close()
 
     order = np.random.default_rng([seed, 2]).permutation(num_images)
     n_val = min(int(round(num_images * val_fraction)), num_images - 1)
@@ -315,6 +357,8 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=320, help="mean image width (320)")
     parser.add_argument("--val-fraction", type=float, default=0.2,
                         help="fraction of images in the validation split (0.2)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="rendering processes (default: one per core, at most 8)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -324,6 +368,7 @@ def run_synth(args: argparse.Namespace) -> int:
         paths = write_synthetic_dataset(
             args.out, args.images, seed=args.seed, height=args.height, width=args.width,
             val_fraction=args.val_fraction, progress=not getattr(args, "no_progress", False),
+            workers=getattr(args, "workers", None),
         )  # fmt: skip
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

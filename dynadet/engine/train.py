@@ -19,6 +19,7 @@ from dynadet.api import build_model
 from dynadet.config import save_config
 from dynadet.data.categories import resolve_class_names
 from dynadet.engine import distributed as dist_utils
+from dynadet.engine.amp import resolve_amp
 from dynadet.engine.logger import MetricsLogger, plot_run
 from dynadet.engine.optim import ModelEMA, build_optimizer, build_scheduler
 from dynadet.engine.state import (
@@ -116,8 +117,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t, self.max_iters)
         self.ema = ModelEMA(self.model, float(t["ema"])) if t.get("ema") else None
-        self.amp = bool(t.get("amp", False)) and self.device.type == "cuda"
+        self.precision = resolve_amp(t.get("amp", False), self.device)
+        self.amp = self.precision.scaler  # fp16: gradient scaler, which skips non-finite steps
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        if self.precision.enabled and self.main:
+            log.info("mixed precision: %s autocast on %s", self.precision.name, self.device.type)
         self.start_iter = 0
         if self.resume:
             self._load_last()
@@ -224,7 +228,11 @@ class Trainer:
             sync = nullcontext()
             if self.distributed and micro < self.accumulate - 1:
                 sync = self.ddp_model.no_sync()
-            with sync, torch.autocast(self.device.type, enabled=self.amp):
+            with sync, torch.autocast(
+                self.device.type,
+                dtype=self.precision.dtype,
+                enabled=self.precision.enabled,
+            ):
                 out = self.ddp_model(images, targets)
                 loss = sum(v for k, v in out.items() if k.startswith("loss"))
                 self.scaler.scale(loss / self.accumulate).backward()
@@ -272,6 +280,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         budget = t.get("time_budget_s")
         calibration = 20
+        eval_total = 0.0
         it = self.start_iter
         while it < self.max_iters:
             values = self.step(batch_iter)
@@ -287,7 +296,8 @@ class Trainer:
             done = it + 1
             bar.update(1)
             if budget and done == self.start_iter + calibration:
-                self._fit_budget(done, float(budget), time.perf_counter() - start, bar)
+                spent = time.perf_counter() - start
+                self._fit_budget(done, float(budget) - spent, spent / calibration, bar)
                 ckpt_period = min(ckpt_period, self.max_iters)
             if self.main and (done % log_period == 0 or done == self.max_iters or done == 1):
                 bar.set_postfix(
@@ -299,9 +309,23 @@ class Trainer:
                 self._check_finite_weights(done)
                 self.save(done)
             if self.eval_period and (done % self.eval_period == 0 or done == self.max_iters):
+                eval_start = time.perf_counter()
                 metrics = self.evaluate(done)
+                eval_s = time.perf_counter() - eval_start
+                eval_total += eval_s
                 if metrics is not None:
                     result["metrics"] = metrics
+                if budget and done < self.max_iters:
+                    # Re-fit with the measured pace and evaluation time: the first fit saw
+                    # neither warm caches nor an evaluation.
+                    evals_left = -(-(self.max_iters - done) // self.eval_period)
+                    spent = time.perf_counter() - start
+                    self._fit_budget(
+                        done,
+                        float(budget) - spent - evals_left * eval_s,
+                        (spent - eval_total) / (done - self.start_iter),
+                        bar,
+                    )
             if done % ckpt_period == 0:
                 dist_utils.barrier()
             it = done
@@ -340,20 +364,22 @@ class Trainer:
                 f"the weights are not finite after iteration {iteration}; not saving them"
             )
 
-    def _fit_budget(self, done: int, budget_s: float, spent_s: float, bar: tqdm) -> None:
-        """Shrink ``max_iters`` so training fits ``train.time_budget_s`` (quickstart).
-
-        The schedule is rebuilt for the new length; warm-up and the remaining decay keep their
-        shape. Runs once, after a few calibration iterations."""
-        per_iter = spent_s / max(1, done - self.start_iter)
-        new_max = max(done + 1, min(self.max_iters, int(budget_s / per_iter)))
+    def _fit_budget(self, done: int, remaining_s: float, per_iter: float, bar: tqdm) -> None:
+        """Set ``max_iters`` so training ends within ``train.time_budget_s`` (quickstart):
+        ``done`` iterations plus as many as ``remaining_s`` seconds hold at ``per_iter`` seconds
+        each, never more than the configured ``max_iters``. The schedule is rebuilt for the new
+        length (warm-up and the remaining decay keep their shape). Runs after a few calibration
+        iterations and again after every evaluation, whose time it then knows."""
+        configured = int(self.tcfg.get("max_iters", 1000))
+        new_max = max(done + 1, min(configured, done + int(remaining_s / max(per_iter, 1e-9))))
         if new_max == self.max_iters:
             return
+        first = self.max_iters == configured
         self.max_iters = new_max
         self.scheduler = build_scheduler(self.optimizer, self.tcfg, new_max)
         self.scheduler.last_epoch = done - 1
         self.scheduler.step()
-        if self.tcfg.get("num_evals"):
+        if self.tcfg.get("num_evals") and first:
             self.eval_period = -(-new_max // int(self.tcfg["num_evals"]))
         bar.total = new_max
         bar.refresh()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynadet.models.norm import build_norm
+from dynadet.models.precision import prior_dtype
 from dynadet.models.priors import AnchorGenerator
 from dynadet.ops.boxes import clip_boxes
 from dynadet.ops.losses import sigmoid_focal_loss
@@ -176,7 +177,8 @@ class TowerHead(nn.Module):
     def priors(self, features: Sequence[Tensor], batch_shape: tuple[int, int]) -> list[Tensor]:
         """Per-level prior boxes ``Tensor[H_l·W_l·A, 4]`` for a padded batch of ``batch_shape``."""
         sizes = [tuple(f.shape[-2:]) for f in features]
-        return self.anchor_generator(sizes, batch_shape, features[0].dtype, features[0].device)
+        dtype = prior_dtype(features[0].dtype)
+        return self.anchor_generator(sizes, batch_shape, dtype, features[0].device)
 
     def select(
         self,

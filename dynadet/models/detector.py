@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from dynadet.models.precision import full_precision, to_float
 from dynadet.models.preprocess import ImageBatch, Preprocessor
 
 
@@ -66,10 +67,11 @@ class OneStageDetector(nn.Module):
     def forward_batch(self, batch: ImageBatch) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Run on an already preprocessed :class:`ImageBatch`."""
         feats = self.features(batch.tensor)
-        outputs = self.head(feats)
+        outputs = to_float(self.head(feats))
         priors = self.head.priors(feats, batch.shape)
-        if self.training:
-            assert batch.targets is not None
-            return self.head.loss(outputs, priors, batch.targets)
-        results = self.head.predict(outputs, priors, batch.image_sizes)
-        return self.preprocess.postprocess(results, batch)
+        with full_precision(batch.tensor.device.type):  # losses and boxes in fp32 under AMP
+            if self.training:
+                assert batch.targets is not None
+                return self.head.loss(outputs, priors, batch.targets)
+            results = self.head.predict(outputs, priors, batch.image_sizes)
+            return self.preprocess.postprocess(results, batch)

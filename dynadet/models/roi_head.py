@@ -139,7 +139,7 @@ class RoIHead(nn.Module):
         """Class logits ``[K, C + 1]`` and deltas ``[K, 4·C]`` of ``rois [K, 5]``."""
         levels = list(features[: len(self.roi_extractor.featmap_strides)])
         x = self.box_head(self.roi_extractor(levels, rois))
-        return self.cls_score(x), self.bbox_pred(x)
+        return self.cls_score(x).float(), self.bbox_pred(x).float()  # fp32 under AMP
 
     # ------------------------------------------------------------------ training
     def sample(

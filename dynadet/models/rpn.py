@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from dynadet.models.assigners import BACKGROUND, IGNORE, max_iou_assign
 from dynadet.models.dense_head import flatten_level
+from dynadet.models.precision import prior_dtype
 from dynadet.models.priors import AnchorGenerator
 from dynadet.ops.boxes import BoxCoder, box_iou
 from dynadet.ops.losses import l1_loss, smooth_l1_loss
@@ -188,7 +189,8 @@ class RPNHead(nn.Module):
     def anchors(self, features: Sequence[Tensor], batch_shape: tuple[int, int]) -> list[Tensor]:
         """Per-level anchors ``Tensor[H_l·W_l·A, 4]`` of a padded batch of ``batch_shape``."""
         sizes = [tuple(f.shape[-2:]) for f in features]
-        return self.anchor_generator(sizes, batch_shape, features[0].dtype, features[0].device)
+        dtype = prior_dtype(features[0].dtype)
+        return self.anchor_generator(sizes, batch_shape, dtype, features[0].device)
 
     # ------------------------------------------------------------------ training targets
     def valid_anchors(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from dynadet.models.detector import OneStageDetector
+from dynadet.models.precision import full_precision, to_float
 from dynadet.models.preprocess import ImageBatch, Preprocessor
 from dynadet.models.roi_head import RoIHead
 from dynadet.models.rpn import RPNHead
@@ -55,12 +56,16 @@ class TwoStageDetector(nn.Module):
     def forward_batch(self, batch: ImageBatch) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Run on an already preprocessed :class:`ImageBatch`."""
         feats = self.features(batch.tensor)
-        objectness, deltas = self.rpn(feats)
+        objectness, deltas = to_float(self.rpn(feats))
         anchors = self.rpn.anchors(feats, batch.shape)
-        proposals, _ = self.rpn.proposals(objectness, deltas, anchors, batch.image_sizes)
+        with full_precision(batch.tensor.device.type):  # proposals and losses in fp32 under AMP
+            proposals, _ = self.rpn.proposals(objectness, deltas, anchors, batch.image_sizes)
         if self.training:
             assert batch.targets is not None
-            losses = self.rpn.loss(objectness, deltas, anchors, batch.targets, batch.image_sizes)
+            with full_precision(batch.tensor.device.type):
+                losses = self.rpn.loss(
+                    objectness, deltas, anchors, batch.targets, batch.image_sizes
+                )
             losses.update(self.roi_head.loss(feats, proposals, batch.targets))
             return losses
         results = self.roi_head.predict(feats, proposals, batch.image_sizes)

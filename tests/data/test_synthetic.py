@@ -102,6 +102,20 @@ def test_writer_is_deterministic(tmp_path):
     assert a["train"].read_text() != c["train"].read_text()
 
 
+def test_parallel_rendering_writes_the_same_dataset(tmp_path):
+    # 64+ images use a process pool; the split, labels and pixels must not depend on it
+    kw = {"num_images": 70, "height": 40, "width": 48}
+    serial = _write(tmp_path, "s", workers=0, **kw)
+    parallel = _write(tmp_path, "p", workers=2, **kw)
+    for split in ("train", "val"):
+        assert serial[split].read_text() == parallel[split].read_text()
+    for i in (1, 35, 70):
+        name = f"{i:06d}.png"
+        assert (serial["images"] / name).read_bytes() == (parallel["images"] / name).read_bytes()
+    with pytest.raises(ValueError, match="workers"):
+        _write(tmp_path, "bad", workers=-1, **kw)
+
+
 def test_writer_is_idempotent_and_rewrites_on_change(tmp_path):
     paths = _write(tmp_path)
     stamps = {p: p.stat().st_mtime_ns for p in paths["images"].iterdir()}

@@ -197,3 +197,45 @@ def test_missing_data_paths_say_what_to_set(tmp_path, capsys):
     assert cli_main(["train", "quickstart", f"output_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert "data.train.ann_file" in err and "data.train.image_dir" in err
+
+
+def test_time_budget_fit_sets_max_iters_and_rebuilds_the_schedule(data_dir, tmp_path):
+    cfg = tiny_cfg(data_dir, ["train.max_iters=1000", "train.schedule=cosine", "train.num_evals=4"])
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    trainer.setup()
+    trainer.eval_period = 250
+    bar = type("Bar", (), {"refresh": lambda self: None, "total": 0})()
+    # 20 iterations done, 30 s left at 0.5 s per iteration: 60 more
+    trainer._fit_budget(20, 30.0, 0.5, bar)
+    assert trainer.max_iters == 80 and bar.total == 80
+    assert trainer.eval_period == 20  # evaluations spread over the new length (first fit)
+    lr_80 = trainer.optimizer.param_groups[0]["lr"]
+    # a later fit (after an evaluation) moves the end but keeps the evaluation period
+    trainer._fit_budget(40, 10.0, 0.5, bar)
+    assert trainer.max_iters == 60 and trainer.eval_period == 20
+    assert trainer.optimizer.param_groups[0]["lr"] < lr_80  # further along a shorter cosine
+    trainer._fit_budget(40, 1e6, 0.5, bar)  # never beyond the configured max_iters
+    assert trainer.max_iters == 1000
+    trainer._fit_budget(40, -5.0, 0.5, bar)  # over budget: stop after the next iteration
+    assert trainer.max_iters == 41
+
+
+def test_time_budget_counts_evaluations(data_dir, tmp_path, monkeypatch):
+    import time as time_mod
+
+    slow_eval = Trainer.evaluate
+
+    def evaluate(self, iteration):
+        time_mod.sleep(1.0)  # an evaluation far slower than a training step
+        return slow_eval(self, iteration)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    cfg = tiny_cfg(data_dir, ["train.max_iters=400", "train.num_evals=4",
+                              "train.checkpoint_period=1000"])  # fmt: skip
+    cfg["train"]["time_budget_s"] = 6.0
+    start = time_mod.perf_counter()
+    result = train(cfg, tmp_path / "run")
+    spent = time_mod.perf_counter() - start
+    assert 21 <= result["iterations"] < 400
+    # 4 evaluations take 4 s of the 6: without counting them training would end near 10 s
+    assert spent < 6.0 + 2.0  # setup and the final plots are outside the budget
