@@ -279,7 +279,10 @@ class Trainer:
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         budget = t.get("time_budget_s")
-        calibration = 20
+        # The first fit measures the pace over the first iterations of the warm-up (50, or half
+        # the warm-up if shorter; at least 5), so the cosine/step schedule is laid out before
+        # it starts; later fits (after evaluations) only correct drifts of more than 2 %.
+        calibration = max(5, min(50, int(t.get("warmup_iters", 0)) // 2))
         eval_total = 0.0
         it = self.start_iter
         while it < self.max_iters:
@@ -369,12 +372,15 @@ class Trainer:
         ``done`` iterations plus as many as ``remaining_s`` seconds hold at ``per_iter`` seconds
         each, never more than the configured ``max_iters``. The schedule is rebuilt for the new
         length (warm-up and the remaining decay keep their shape). Runs after a few calibration
-        iterations and again after every evaluation, whose time it then knows."""
+        iterations and again after every evaluation, whose time it then knows, when the end
+        moves by more than 2 %."""
         configured = int(self.tcfg.get("max_iters", 1000))
         new_max = max(done + 1, min(configured, done + int(remaining_s / max(per_iter, 1e-9))))
-        if new_max == self.max_iters:
-            return
         first = self.max_iters == configured
+        if new_max == self.max_iters or (
+            not first and abs(new_max - self.max_iters) <= 0.02 * self.max_iters
+        ):
+            return
         self.max_iters = new_max
         self.scheduler = build_scheduler(self.optimizer, self.tcfg, new_max)
         self.scheduler.last_epoch = done - 1

@@ -33,6 +33,9 @@ path too (tested with ``gradcheck``); only the mask is non-differentiable.
 
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,6 +44,7 @@ __all__ = [
     "DEFAULT_DENSE_THRESHOLD",
     "GN_MODES",
     "MaskedConvGN",
+    "clear_workspace",
     "dilate_mask",
     "masked_conv2d",
     "masked_conv_gn",
@@ -55,9 +59,10 @@ GN_MODES = ("masked", "dense")
 # the crossover is probably lower (cuDNN vs gather + GEMM): measure with ``--device cuda``.
 DEFAULT_DENSE_THRESHOLD = 0.65
 
-# Rows per gather/GEMM chunk: a [rows, C] slice of 256 channels is 4 MB in float32, small enough
-# to be reused by the allocator instead of page-faulted in for every tap.
-_CHUNK_ROWS = 4096
+# Rows per gather/GEMM chunk: a [rows, C] slice of 256 channels is 1 MB in float32, so the
+# gathered rows and the accumulator stay in a core's L2 across the k² taps (measured, 1 thread:
+# 15 µs per row of 9 taps at 512–1024 rows, 20 µs at 4096).
+_CHUNK_ROWS = 1024
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
@@ -136,6 +141,36 @@ def _group_norm_rows(
     return out
 
 
+def _norm_relu_rows_inplace(
+    rows: Tensor, counts: Tensor, norm: nn.GroupNorm | None, relu: bool
+) -> Tensor:
+    """GroupNorm (active-pixel statistics) and ReLU of ``rows [K, C]``, in place (inference).
+
+    The rows come image after image (``nonzero`` of an image-major mask), ``counts [N]`` per
+    image, so each image is a contiguous slice: one ``var_mean`` (single-pass Welford, as
+    accurate as the two-pass formula) and in-place centring, scaling and shift per image —
+    fewer passes and no ``[K, C]`` temporaries, unlike the index-based path.
+    """
+    if norm is not None:
+        k, c = rows.shape
+        g = norm.num_groups
+        start = 0
+        for count in counts.tolist():  # one host sync; nonzero() already had one
+            if count:
+                seg = rows[start : start + count]
+                var, mean = torch.var_mean(seg.view(count, g, c // g), dim=(0, 2),
+                                           correction=0)  # fmt: skip
+                scale = (var + norm.eps).rsqrt().repeat_interleave(c // g)
+                if norm.weight is not None:
+                    scale = scale * norm.weight
+                # centred first, as F.group_norm: x·s − mean·s would cancel badly for large s
+                seg.sub_(mean.repeat_interleave(c // g)).mul_(scale)
+                if norm.bias is not None:
+                    seg.add_(norm.bias)
+            start += count
+    return rows.relu_() if relu else rows
+
+
 def masked_group_norm(
     x: Tensor,
     mask: Tensor,
@@ -176,6 +211,35 @@ def masked_group_norm(
     return out.view(n, c, h, w)
 
 
+_WORKSPACE = threading.local()  # per thread: concurrent inference calls never share a buffer
+
+
+def _scratch(like: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """An uninitialised ``shape`` buffer for the padded channels-last copy of the input.
+
+    Without autograd (inference) one buffer per thread, device, dtype and inference-mode state
+    is kept and reused, growing as needed: a fresh multi-megabyte allocation per call goes back
+    to the OS when freed and is page-faulted in again on the next call, which measured about a
+    quarter of the sparse path's time at 10 % density (256 channels on 100×168).
+    :func:`clear_workspace` frees them. With autograd a new buffer is allocated, as it becomes
+    part of the graph."""
+    numel = math.prod(shape)
+    inference = torch.is_inference_mode_enabled()
+    if torch.is_grad_enabled() and not inference:
+        return like.new_empty(shape)
+    buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
+    key = (like.device, like.dtype, inference)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[key] = like.new_empty(numel)
+    return buf[:numel].view(shape)
+
+
+def clear_workspace() -> None:
+    """Free this thread's scratch buffers kept by the sparse path for reuse across calls."""
+    _WORKSPACE.__dict__.pop("buffers", None)
+
+
 def _sparse_conv_rows(
     x: Tensor,
     active: Tensor,
@@ -193,7 +257,7 @@ def _sparse_conv_rows(
     ph, pw = padding
     hp, wp = h + 2 * ph, w + 2 * pw
     # Only the border is zeroed: filling the whole buffer first would cost one more pass.
-    padded = x.new_empty(n, hp, wp, c)
+    padded = _scratch(x, (n, hp, wp, c))
     padded[:, :ph].zero_()
     padded[:, ph + h :].zero_()
     padded[:, ph : ph + h, :pw].zero_()
@@ -206,7 +270,8 @@ def _sparse_conv_rows(
     base = img * (hp * wp) + (rem // wo) * wp + rem % wo
     taps = [i * dilation[0] * wp + j * dilation[1] for i in range(kh) for j in range(kw)]
     # [taps, C_in, C_out] so each tap is one GEMM against the gathered rows.
-    w_taps = weight.permute(2, 3, 1, 0).reshape(kh * kw, c_in, c_out)
+    # (contiguous once here; a strided view would be copied by every GEMM)
+    w_taps = weight.permute(2, 3, 1, 0).reshape(kh * kw, c_in, c_out).contiguous()
     chunks = []
     for start in range(0, base.shape[0], _CHUNK_ROWS):
         b = base[start : start + _CHUNK_ROWS]
@@ -287,9 +352,12 @@ def masked_conv_gn(
             out = F.relu(out, inplace=zeroed)  # in place only on our own fresh tensor
         return out if zeroed else out * m[:, None].to(out.dtype)
     rows = _sparse_conv_rows(x, active, weight, bias, padding, dilation, out_hw)
+    counts = m.flatten(1).sum(1)
+    if not rows.requires_grad:
+        rows = _norm_relu_rows_inplace(rows, counts, norm, relu)
+        return _scatter(rows, active, n, out_hw)
     if norm is not None:
         image = active // (out_hw[0] * out_hw[1])
-        counts = m.flatten(1).sum(1)
         rows = _group_norm_rows(
             rows, image, counts, norm.num_groups, norm.weight, norm.bias, norm.eps
         )

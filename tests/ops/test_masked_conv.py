@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynadet.ops import masked_conv as masked_conv_mod
 from dynadet.ops.masked_conv import (
     MaskedConvGN,
+    clear_workspace,
     dilate_mask,
     masked_conv2d,
     masked_conv_gn,
@@ -314,3 +316,39 @@ def test_empty_batch_and_channels_last_input() -> None:
     x_cl = x.contiguous(memory_format=torch.channels_last)
     out = masked_conv2d(x_cl, mask, weight, bias, dense_threshold=SPARSE)
     torch.testing.assert_close(out, F.conv2d(x, weight, bias, padding=1) * mask)
+
+
+def test_inference_workspace_is_reused_and_results_stay_exact() -> None:
+    """The padded scratch buffer kept between inference calls (bigger, smaller, in no_grad and
+    inference mode, other threads) never changes a result."""
+    import threading
+
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(8, 6, 3, 3, generator=gen)
+    cases = []
+    for n, h, w in ((1, 9, 11), (3, 13, 7), (1, 5, 6)):
+        x = torch.randn(n, 6, h, w, generator=gen)
+        mask = torch.rand(n, 1, h, w, generator=gen) < 0.3
+        cases.append((x, mask, F.conv2d(x, weight, padding=1) * mask))
+    clear_workspace()
+    for ctx in (torch.no_grad, torch.inference_mode, torch.no_grad):
+        with ctx():
+            for x, mask, ref in cases:
+                out = masked_conv2d(x, mask, weight, dense_threshold=SPARSE)
+                torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    buffers = masked_conv_mod._WORKSPACE.__dict__.get("buffers", {})
+    assert len(buffers) == 2  # one per inference-mode state, grown to the largest input
+    assert max(b.numel() for b in buffers.values()) == 3 * 15 * 9 * 6
+    errors = []
+
+    def other_thread() -> None:  # a thread starts with its own, empty workspace
+        errors.append(bool(masked_conv_mod._WORKSPACE.__dict__.get("buffers")))
+
+    t = threading.Thread(target=other_thread)
+    t.start(), t.join()
+    assert errors == [False]
+    clear_workspace()
+    assert not masked_conv_mod._WORKSPACE.__dict__.get("buffers")
+    x, mask, ref = cases[0]
+    out = masked_conv2d(x.requires_grad_(), mask, weight, dense_threshold=SPARSE)
+    assert out.requires_grad and not masked_conv_mod._WORKSPACE.__dict__.get("buffers")
