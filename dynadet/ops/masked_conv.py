@@ -147,9 +147,9 @@ def _norm_relu_rows_inplace(
     """GroupNorm (active-pixel statistics) and ReLU of ``rows [K, C]``, in place (inference).
 
     The rows come image after image (``nonzero`` of an image-major mask), ``counts [N]`` per
-    image, so each image is a contiguous slice: one ``var_mean`` (single-pass Welford, as
-    accurate as the two-pass formula) and in-place centring, scaling and shift per image —
-    fewer passes and no ``[K, C]`` temporaries, unlike the index-based path.
+    image, so each image is a contiguous slice: two-pass statistics (as accurate as
+    ``F.group_norm``) and in-place centring, scaling and shift per image — fewer passes and
+    temporaries than the index-based path used under autograd.
     """
     if norm is not None:
         k, c = rows.shape
@@ -158,13 +158,15 @@ def _norm_relu_rows_inplace(
         for count in counts.tolist():  # one host sync; nonzero() already had one
             if count:
                 seg = rows[start : start + count]
-                var, mean = torch.var_mean(seg.view(count, g, c // g), dim=(0, 2),
-                                           correction=0)  # fmt: skip
+                # Two-pass statistics from column reductions (torch.var_mean over rows is ~50×
+                # slower on CPU): group means, centre in place, group mean of the squares.
+                mean = seg.mean(0).view(g, c // g).mean(1).repeat_interleave(c // g)
+                seg.sub_(mean)
+                var = seg.square().sum(0).view(g, c // g).sum(1) / (count * (c // g))
                 scale = (var + norm.eps).rsqrt().repeat_interleave(c // g)
                 if norm.weight is not None:
                     scale = scale * norm.weight
-                # centred first, as F.group_norm: x·s − mean·s would cancel badly for large s
-                seg.sub_(mean.repeat_interleave(c // g)).mul_(scale)
+                seg.mul_(scale)
                 if norm.bias is not None:
                     seg.add_(norm.bias)
             start += count
@@ -240,6 +242,29 @@ def clear_workspace() -> None:
     _WORKSPACE.__dict__.pop("buffers", None)
 
 
+def _tap_weights(weight: Tensor) -> Tensor:
+    """``weight [C_out, C_in, kh, kw]`` as contiguous ``[kh·kw, C_in, C_out]``: one GEMM operand
+    per tap (a strided view would be copied by every GEMM).
+
+    Without autograd the reordered copy is cached per weight tensor and rebuilt when the
+    weight changes in place (its version counter moves), so inference reorders each layer's
+    weight once instead of on every call."""
+    kh, kw = weight.shape[-2:]
+
+    def reorder() -> Tensor:
+        return weight.permute(2, 3, 1, 0).reshape(kh * kw, weight.shape[1], weight.shape[0])
+
+    if weight.requires_grad and torch.is_grad_enabled():
+        return reorder().contiguous()
+    key = (weight._version, weight.dtype, weight.device)
+    cached = getattr(weight, "_dynadet_tap_weights", None)  # kept on the tensor: freed with it
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, reorder().contiguous())
+        weight._dynadet_tap_weights = cached
+    return cached[1]
+
+
 def _sparse_conv_rows(
     x: Tensor,
     active: Tensor,
@@ -269,15 +294,15 @@ def _sparse_conv_rows(
     # Window top-left in the padded buffer (stride 1): output (y, x) reads (y + i·d, x + j·d).
     base = img * (hp * wp) + (rem // wo) * wp + rem % wo
     taps = [i * dilation[0] * wp + j * dilation[1] for i in range(kh) for j in range(kw)]
-    # [taps, C_in, C_out] so each tap is one GEMM against the gathered rows.
-    # (contiguous once here; a strided view would be copied by every GEMM)
-    w_taps = weight.permute(2, 3, 1, 0).reshape(kh * kw, c_in, c_out).contiguous()
+    w_taps = _tap_weights(weight)
+    # Every tap's source row of every active pixel at once: [taps, K], each row contiguous.
+    index = base[None, :] + torch.tensor(taps, device=base.device)[:, None]
     chunks = []
     for start in range(0, base.shape[0], _CHUNK_ROWS):
-        b = base[start : start + _CHUNK_ROWS]
-        acc = source.index_select(0, b + taps[0]) @ w_taps[0]
+        idx = index[:, start : start + _CHUNK_ROWS]
+        acc = source.index_select(0, idx[0]) @ w_taps[0]
         for t in range(1, len(taps)):
-            acc.addmm_(source.index_select(0, b + taps[t]), w_taps[t])
+            acc.addmm_(source.index_select(0, idx[t]), w_taps[t])
         if bias is not None:
             acc = acc + bias
         chunks.append(acc)

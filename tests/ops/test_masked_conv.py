@@ -352,3 +352,18 @@ def test_inference_workspace_is_reused_and_results_stay_exact() -> None:
     x, mask, ref = cases[0]
     out = masked_conv2d(x.requires_grad_(), mask, weight, dense_threshold=SPARSE)
     assert out.requires_grad and not masked_conv_mod._WORKSPACE.__dict__.get("buffers")
+
+
+def test_tap_weight_cache_follows_in_place_weight_updates() -> None:
+    conv = MaskedConvGN(4, 6, num_groups=None).eval()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 7, 8, generator=gen)
+    mask = torch.rand(2, 1, 7, 8, generator=gen) < 0.4
+    with torch.no_grad():
+        first = conv(x, mask)
+        conv.weight.mul_(2)  # as an optimizer step or load_state_dict would (version moves)
+        second = conv(x, mask)
+        torch.testing.assert_close(second, 2 * first, rtol=1e-5, atol=1e-6)
+        conv.load_state_dict({"weight": torch.ones_like(conv.weight)})
+        ones = conv(x, mask)
+    torch.testing.assert_close(ones, F.conv2d(x, torch.ones(6, 4, 3, 3), padding=1) * mask)
