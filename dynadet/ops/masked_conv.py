@@ -247,8 +247,9 @@ def _tap_weights(weight: Tensor) -> Tensor:
     per tap (a strided view would be copied by every GEMM).
 
     Without autograd the reordered copy is cached per weight tensor and rebuilt when the
-    weight changes in place (its version counter moves), so inference reorders each layer's
-    weight once instead of on every call."""
+    weight changes in place (its version counter moves: optimizer steps, ``load_state_dict``,
+    ``nn.init``), so inference reorders each layer's weight once instead of on every call.
+    Writes through ``weight.data`` bypass the version counter and are not seen."""
     kh, kw = weight.shape[-2:]
 
     def reorder() -> Tensor:
