@@ -23,37 +23,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dynadet.ops.masked_conv import DEFAULT_DENSE_THRESHOLD, masked_conv_gn
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved_medians(
-    fns: dict[str, Callable[[], object]], repeat: int, device: torch.device
-) -> dict[str, float]:
-    """Median wall time (ms) of each function, runs interleaved round-robin after one warm-up."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - t0) * 1000)
-    return {k: statistics.median(v) for k, v in times.items()}
+from dynadet.tools.benchmark import interleaved_medians
 
 
 def main() -> None:

@@ -152,7 +152,7 @@ def _norm_relu_rows_inplace(
     temporaries than the index-based path used under autograd.
     """
     if norm is not None:
-        k, c = rows.shape
+        c = rows.shape[1]
         g = norm.num_groups
         start = 0
         for count in counts.tolist():  # one host sync; nonzero() already had one

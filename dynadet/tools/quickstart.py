@@ -36,22 +36,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str] | None = None) -> dict[str, Any]:
+    from torch.cuda import is_available as cuda_ok
+
     from dynadet.api import Detector
     from dynadet.data.coco import CocoDetection
     from dynadet.data.synthetic import write_synthetic_dataset
+    from dynadet.engine.amp import resolve_amp
     from dynadet.engine.logger import plot_run
     from dynadet.engine.state import last_checkpoint
     from dynadet.engine.train import train
 
     out = Path(args.out)
     t0 = time.perf_counter()
+    # Config mistakes (unknown keys, a bad train.amp) fail now, not after the data is written.
+    cfg = load_config(args.config, list(overrides or []))
+    resolve_amp(cfg["train"].get("amp"), args.device or ("cuda" if cuda_ok() else "cpu"))
     if args.images < 1 or args.val_images < 1:
         raise ValueError("--images and --val-images must be >= 1")
     total = args.images + args.val_images
     paths = write_synthetic_dataset(out / "data", total, seed=args.seed, height=args.size[0],
                                     width=args.size[1], val_fraction=args.val_images / total)
     data_s = time.perf_counter() - t0
-    cfg = load_config(args.config, list(overrides or []))
     cfg["data"]["train"] = {"ann_file": str(paths["train"]), "image_dir": str(paths["images"])}
     cfg["data"]["val"] = {"ann_file": str(paths["val"]), "image_dir": str(paths["images"])}
     # Training (with its evaluations) gets what data generation left, less the final
