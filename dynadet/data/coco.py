@@ -266,6 +266,11 @@ class CocoDetection(Dataset):
     updated at load time: with DataLoader workers each worker process counts (and warns about)
     its own, so the main-process copies stay 0.
 
+    ``cache_images=True`` keeps every decoded image in memory (uint8, ``3·H·W`` bytes each)
+    after its first read, so later epochs skip file reads and PNG decoding — for small data
+    sets such as the quickstart's (2400 images of ~200×240: ~350 MB). Each DataLoader worker
+    holds its own cache (the training loader's workers live for the whole run).
+
     ``dataset[i]`` → ``(image, target)``: ``image`` ``Tensor[3, H, W]`` float32 RGB 0–255,
     ``target`` ``dict(boxes=Tensor[N, 4] xyxy absolute float32, labels=Tensor[N] int64,
     image_id=int, orig_size=Tensor[2] int64 (h, w))``, then ``transforms(image, target)``.
@@ -290,6 +295,7 @@ class CocoDetection(Dataset):
         filter_empty: bool = True,
         skip_bad_images: bool = False,
         min_box_size: float = 1.0,
+        cache_images: bool = False,
     ) -> None:
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
@@ -301,6 +307,9 @@ class CocoDetection(Dataset):
         self._coco = None
         self._bad: set[int] = set()
         self._mismatched: set[int] = set()
+        # decoded images as uint8 (exact: the files hold 8-bit pixels), filled on first read
+        self.cache_images = bool(cache_images)
+        self._cache: dict[int, Tensor] = {}
 
         p = _parse(self.ann_file, _load_json(self.ann_file), self.min_box_size)
         self.category_ids: list[int] = p.category_ids
@@ -392,6 +401,16 @@ class CocoDetection(Dataset):
             "orig_size": torch.tensor([h, w], dtype=torch.int64),
         }
 
+    def _image(self, i: int) -> Tensor:
+        """Image ``i`` as ``Tensor[3, H, W]`` float32 0–255, a fresh tensor on every call."""
+        cached = self._cache.get(i)
+        if cached is not None:
+            return cached.float()
+        image = _read_image(self._path(i), self.image_ids[i])
+        if self.cache_images:
+            self._cache[i] = image.to(torch.uint8)
+        return image
+
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
         n = len(self)
         if not -n <= index < n:
@@ -402,7 +421,7 @@ class CocoDetection(Dataset):
             if i in self._bad:
                 continue
             try:
-                image = _read_image(self._path(i), self.image_ids[i])
+                image = self._image(i)
             except DataError as err:
                 if not self.skip_bad_images:
                     raise

@@ -62,6 +62,7 @@ def build_datasets(cfg: dict[str, Any], train: bool = True):
         transforms=build_transforms(data.get("augment"), train=train),
         filter_empty=bool(data.get("filter_empty", True)) if train else False,
         skip_bad_images=bool(data.get("skip_bad_images", False)),
+        cache_images=bool(data.get("cache_images", False)),
     )
 
 
@@ -263,8 +264,10 @@ class Trainer:
         t = self.tcfg
         ckpt_period = int(t.get("checkpoint_period", 0)) or self.max_iters
         self.eval_period = int(t.get("eval_period", 0))
-        if t.get("num_evals"):
-            self.eval_period = -(-self.max_iters // int(t["num_evals"]))  # ceil: last eval at end
+        # num_evals: that many evaluations spread evenly, the last at the end (re-planned when a
+        # time budget moves the end); otherwise every eval_period iterations and at the end.
+        planned = _spread(0, self.max_iters, int(t.get("num_evals") or 0))
+        self.eval_points = [p for p in planned if p > self.start_iter] or planned[-1:]
         log_period = max(1, int(t.get("log_period", 20)))
         self.last_saved: Path | None = None
         bar = tqdm(
@@ -311,7 +314,7 @@ class Trainer:
             if done % ckpt_period == 0 or done == self.max_iters:
                 self._check_finite_weights(done)
                 self.save(done)
-            if self.eval_period and (done % self.eval_period == 0 or done == self.max_iters):
+            if self._eval_due(done):
                 eval_start = time.perf_counter()
                 metrics = self.evaluate(done)
                 eval_s = time.perf_counter() - eval_start
@@ -321,7 +324,7 @@ class Trainer:
                 if budget and done < self.max_iters:
                     # Re-fit with the measured pace and evaluation time: the first fit saw
                     # neither warm caches nor an evaluation.
-                    evals_left = -(-(self.max_iters - done) // self.eval_period)
+                    evals_left = self._evals_left(done)
                     spent = time.perf_counter() - start
                     self._fit_budget(
                         done,
@@ -339,6 +342,19 @@ class Trainer:
             plot_run(self.run_dir)
             self.logger.close()
         return result
+
+    def _eval_due(self, done: int) -> bool:
+        if self.eval_points:
+            return done in self.eval_points
+        return bool(self.eval_period) and (done % self.eval_period == 0 or done == self.max_iters)
+
+    def _evals_left(self, done: int) -> int:
+        """Evaluations still to come after iteration ``done``."""
+        if self.eval_points:
+            return sum(p > done for p in self.eval_points)
+        if not self.eval_period:
+            return 0
+        return -(-(self.max_iters - done) // self.eval_period)
 
     def _non_finite(self, values: dict[str, float]) -> str | None:
         """What makes a step unusable: a NaN/inf loss, or a NaN/inf gradient norm (without
@@ -381,12 +397,14 @@ class Trainer:
             not first and abs(new_max - self.max_iters) <= 0.02 * self.max_iters
         ):
             return
+        evals_left = self._evals_left(done)
         self.max_iters = new_max
         self.scheduler = build_scheduler(self.optimizer, self.tcfg, new_max)
         self.scheduler.last_epoch = done - 1
         self.scheduler.step()
-        if self.tcfg.get("num_evals") and first:
-            self.eval_period = -(-new_max // int(self.tcfg["num_evals"]))
+        if self.eval_points:  # the evaluations still to come, spread over the new remainder
+            self.eval_points = [p for p in self.eval_points if p <= done]
+            self.eval_points += _spread(done, new_max, evals_left)
         bar.total = new_max
         bar.refresh()
 
@@ -420,6 +438,13 @@ class Trainer:
         self.logger.log("eval", iteration, res.metrics)
         plot_run(self.run_dir)
         return dict(res.metrics)
+
+
+def _spread(start: int, end: int, count: int) -> list[int]:
+    """``count`` iterations evenly spaced in ``(start, end]``, the last one ``end``."""
+    if count <= 0 or end <= start:
+        return []
+    return sorted({start + -(-(end - start) * k // count) for k in range(1, count + 1)})
 
 
 def train(

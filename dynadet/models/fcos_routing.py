@@ -50,7 +50,7 @@ class FCOSRoutingHead(RoutingTowersMixin, FCOSHead):
         dynamic: gated routing or the static Fix head.
         budget_loss_weight: λ of the budget loss (0 "High", 0.1 "Mid", 0.8 "Low").
         tau, init_gate, num_groups, gn_mode, dense_threshold, count_unused_paths,
-            count_depthwise_twice: see :class:`~dynadet.models.routing.RoutingTower`.
+            count_depthwise_twice, train_gn_mode: see :class:`~dynadet.models.routing.RoutingTower`.
 
     Shapes:
         ``forward(features: list[Tensor[N, C, H_l, W_l]])`` → FCOSHead's dict (``cls``, ``reg``,
@@ -74,6 +74,7 @@ class FCOSRoutingHead(RoutingTowersMixin, FCOSHead):
         dense_threshold: float = DEFAULT_DENSE_THRESHOLD,
         count_unused_paths: bool = True,
         count_depthwise_twice: bool = True,
+        train_gn_mode: str = "dense",
         centerness_on_reg: bool = True,
         use_scales: bool = True,
         regress_ranges: Sequence[Sequence[float]] = DEFAULT_RANGES,
@@ -123,4 +124,5 @@ class FCOSRoutingHead(RoutingTowersMixin, FCOSHead):
             budget_loss_weight=budget_loss_weight, tau=tau, init_gate=init_gate,
             num_groups=num_groups, gn_mode=gn_mode, dense_threshold=dense_threshold,
             count_unused_paths=count_unused_paths, count_depthwise_twice=count_depthwise_twice,
+            train_gn_mode=train_gn_mode,
         )  # fmt: skip

@@ -70,7 +70,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynadet.ops.masked_conv import DEFAULT_DENSE_THRESHOLD, GN_MODES, MaskedConvGN, dilate_mask
+from dynadet.ops.masked_conv import (
+    DEFAULT_DENSE_THRESHOLD,
+    GN_MODES,
+    MaskedConvGN,
+    dilate_mask,
+    masked_gated_residual,
+)
 from dynadet.ops.narrow_conv import narrow_conv2d
 
 __all__ = [
@@ -220,16 +226,19 @@ class GatedResidualBlock(nn.Module):
         gated: bool = True,
         gn_mode: str = "masked",
         dense_threshold: float = DEFAULT_DENSE_THRESHOLD,
+        train_gn_mode: str = "dense",
         **gate_kw: float,
     ) -> None:
         super().__init__()
-        if gn_mode not in GN_MODES:
-            raise ValueError(f"gn_mode must be one of {GN_MODES}, got {gn_mode!r}")
+        for name, mode in (("gn_mode", gn_mode), ("train_gn_mode", train_gn_mode)):
+            if mode not in GN_MODES:
+                raise ValueError(f"{name} must be one of {GN_MODES}, got {mode!r}")
         conv_kw = {"num_groups": num_groups, "dense_threshold": dense_threshold}
         self.conv1 = MaskedConvGN(channels, channels, relu=True, **conv_kw)
         self.conv2 = MaskedConvGN(channels, channels, relu=False, **conv_kw)
         self.gate = SpatialGate(channels, **gate_kw) if gated else None
         self.gn_mode = gn_mode
+        self.train_gn_mode = train_gn_mode
         for conv in (self.conv1, self.conv2):
             nn.init.normal_(conv.weight, std=0.01)
 
@@ -237,9 +246,12 @@ class GatedResidualBlock(nn.Module):
         if self.gate is None:
             return F.relu(y + self.conv2(self.conv1(y))), None
         gate = self.gate(y)
-        if self.training or self.gn_mode == "dense":
+        if (self.train_gn_mode if self.training else self.gn_mode) == "dense":
             branch = self.conv2(self.conv1(y))
         else:
+            fused = masked_gated_residual(y, gate, self.conv1, self.conv2)
+            if fused is not None:  # channels-last input at inference: no zero maps between
+                return fused, gate
             # conv2 reads a 3×3 neighbourhood, so conv1 must cover the dilated mask.
             hidden = self.conv1(y, dilate_mask(gate), "masked")
             branch = self.conv2(hidden, gate, "masked")
@@ -265,6 +277,7 @@ class RoutingLayer(nn.Module):
         dense_threshold: float = DEFAULT_DENSE_THRESHOLD,
         count_unused_paths: bool = True,
         count_depthwise_twice: bool = True,
+        train_gn_mode: str = "dense",
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -276,7 +289,7 @@ class RoutingLayer(nn.Module):
         )
         self.depth = GatedResidualBlock(
             channels, num_groups, gated=dynamic, gn_mode=gn_mode,
-            dense_threshold=dense_threshold, **gate_kw,
+            dense_threshold=dense_threshold, train_gn_mode=train_gn_mode, **gate_kw,
         )
         self.output_weight = nn.Parameter(torch.ones(1))
         self.scale_weight = nn.Parameter(torch.zeros(1)) if dynamic else None
@@ -374,6 +387,11 @@ class RoutingTower(nn.Module):
             the reference) or ``"dense"`` (whole map, = training).
         dense_threshold: active fraction above which the masked conv runs densely.
         count_unused_paths, count_depthwise_twice: reference cost-accounting conventions.
+        train_gn_mode: the depth path in training. ``"dense"`` (the reference): both convs
+            and GroupNorm over the whole map, times the gate. ``"masked"``: the inference
+            formula of ``gn_mode="masked"`` — convs at open pixels only (sparse, with autograd)
+            and GN over them — so training costs fall with the gates and train and test
+            compute the same function. Not the reference's training; an option for low budgets.
     """
 
     def __init__(
@@ -388,12 +406,13 @@ class RoutingTower(nn.Module):
         dense_threshold: float = DEFAULT_DENSE_THRESHOLD,
         count_unused_paths: bool = True,
         count_depthwise_twice: bool = True,
+        train_gn_mode: str = "dense",
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             RoutingLayer(
                 channels, dynamic, num_groups, tau, init_gate, gn_mode, dense_threshold,
-                count_unused_paths, count_depthwise_twice,
+                count_unused_paths, count_depthwise_twice, train_gn_mode,
             )
             for _ in range(num_layers)
         )
@@ -404,6 +423,10 @@ class RoutingTower(nn.Module):
 
     def forward(self, features: Sequence[Tensor]) -> tuple[list[Tensor], RoutingCost]:
         feats = list(features)
+        if not self.training:
+            # Inference runs channels-last: the masked convs gather pixel rows, and the fused
+            # depth path (masked_gated_residual) writes its rows straight into the output.
+            feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
         cost = RoutingCost.zeros(feats[0].shape[0], feats[0])
         for layer in self.layers:
             feats, layer_cost = layer(feats)

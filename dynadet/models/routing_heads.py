@@ -24,7 +24,7 @@ __all__ = ["ATSSRoutingHead", "RetinaNetRoutingHead", "RoutingTowersMixin"]
 
 _ROUTING_KEYS = (
     "num_layers", "dynamic", "budget_loss_weight", "tau", "init_gate", "num_groups", "gn_mode",
-    "dense_threshold", "count_unused_paths", "count_depthwise_twice",
+    "dense_threshold", "count_unused_paths", "count_depthwise_twice", "train_gn_mode",
 )  # fmt: skip
 
 
@@ -76,12 +76,13 @@ class RoutingTowersMixin:
         dense_threshold: float = DEFAULT_DENSE_THRESHOLD,
         count_unused_paths: bool = True,
         count_depthwise_twice: bool = True,
+        train_gn_mode: str = "dense",
     ) -> None:
         kw = {
             "channels": channels, "num_layers": num_layers, "dynamic": dynamic,
             "num_groups": num_groups, "tau": tau, "init_gate": init_gate, "gn_mode": gn_mode,
             "dense_threshold": dense_threshold, "count_unused_paths": count_unused_paths,
-            "count_depthwise_twice": count_depthwise_twice,
+            "count_depthwise_twice": count_depthwise_twice, "train_gn_mode": train_gn_mode,
         }  # fmt: skip
         # Built after the base head's init, so the routing towers keep their own initialisation.
         self.cls_tower = RoutingTower(**kw)
@@ -127,8 +128,8 @@ class ATSSRoutingHead(RoutingTowersMixin, ATSSHead):
     Args: :class:`~dynadet.models.atss.ATSSHead`'s (``num_convs``/``norm``/``feat_channels`` do
     not apply: the towers are ``num_layers`` routing layers of width ``in_channels``) plus
     ``num_layers``, ``dynamic``, ``budget_loss_weight``, ``tau``, ``init_gate``, ``num_groups``,
-    ``gn_mode``, ``dense_threshold``, ``count_unused_paths``, ``count_depthwise_twice`` (see
-    :class:`~dynadet.models.routing.RoutingTower`).
+    ``gn_mode``, ``dense_threshold``, ``count_unused_paths``, ``count_depthwise_twice``,
+    ``train_gn_mode`` (see :class:`~dynadet.models.routing.RoutingTower`).
 
     Shapes: as :class:`ATSSHead`, plus the cost entries of :class:`RoutingTowersMixin`.
     """

@@ -29,7 +29,7 @@ class RPNRoutingHead(RPNHead):
     Args: :class:`RPNHead`'s (``feat_channels`` must equal ``in_channels``: the tower keeps the
     width) plus the routing arguments ``num_layers`` (1), ``dynamic`` (True),
     ``budget_loss_weight`` (λ), ``tau``, ``init_gate``, ``num_groups``, ``gn_mode``,
-    ``dense_threshold``, ``count_unused_paths``, ``count_depthwise_twice`` (see
+    ``dense_threshold``, ``count_unused_paths``, ``count_depthwise_twice``, ``train_gn_mode`` (see
     :class:`~dynadet.models.routing.RoutingTower`).
 
     Shapes: as :class:`RPNHead`. The last forward's per-image cost (``soft``/``executed``/

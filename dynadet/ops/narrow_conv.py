@@ -28,7 +28,9 @@ def narrow_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
         raise ValueError(f"narrow_conv2d needs an odd square kernel, got {kh}×{kw}")
     k, p = kh, kh // 2
     h, w = x.shape[-2:]
-    taps = F.conv2d(x, weight.permute(2, 3, 0, 1).reshape(k * k * o, c, 1, 1))
+    # [N, k²·O, H, W] in the standard layout whatever x's (a channels-last x gives a
+    # channels-last result, which the view below cannot take)
+    taps = F.conv2d(x, weight.permute(2, 3, 0, 1).reshape(k * k * o, c, 1, 1)).contiguous()
     taps = F.pad(taps, (p, p, p, p)).view(x.shape[0], k * k, o, h + 2 * p, w + 2 * p)
     out = taps[:, 0, :, :h, :w]
     for t in range(1, k * k):

@@ -291,6 +291,23 @@ def test_grayscale_image_becomes_rgb_and_transforms_apply(tmp_path):
     assert calls == [(3, 30, 40)] and target["seen"] and image.sum() == 0
 
 
+def test_cache_images_reads_each_file_once_and_hands_out_fresh_tensors(tmp_path):
+    images = [_image(1), _image(2, w=20)]
+    anns = [_ann(1, 1, [1, 2, 3, 4]), _ann(2, 2, [0, 0, 5, 5])]
+    ds = _dataset(tmp_path, images, anns, cache_images=True)
+    first = [ds[i][0].clone() for i in range(2)]
+    for f in (tmp_path / "img").iterdir():
+        f.unlink()  # a second read would fail: the images must come from the cache
+    image = ds[0][0]
+    assert image.dtype == torch.float32 and torch.equal(image, first[0])
+    image.mul_(0)  # in-place transforms must not reach the cached copy
+    assert torch.equal(ds[0][0], first[0]) and torch.equal(ds[1][0], first[1])
+    assert ds._cache[0].dtype == torch.uint8
+    plain = _dataset(tmp_path / "b", images, anns)
+    plain[0]
+    assert not plain._cache  # off by default
+
+
 # --- bad images ------------------------------------------------------------------------------
 
 

@@ -203,16 +203,18 @@ def test_time_budget_fit_sets_max_iters_and_rebuilds_the_schedule(data_dir, tmp_
     cfg = tiny_cfg(data_dir, ["train.max_iters=1000", "train.schedule=cosine", "train.num_evals=4"])
     trainer = Trainer(cfg, tmp_path / "run", device="cpu")
     trainer.setup()
-    trainer.eval_period = 250
+    trainer.eval_points = [250, 500, 750, 1000]
     bar = type("Bar", (), {"refresh": lambda self: None, "total": 0})()
     # 20 iterations done, 30 s left at 0.5 s per iteration: 60 more
     trainer._fit_budget(20, 30.0, 0.5, bar)
     assert trainer.max_iters == 80 and bar.total == 80
-    assert trainer.eval_period == 20  # evaluations spread over the new length (first fit)
+    assert trainer.eval_points == [35, 50, 65, 80]  # 4 evaluations over the remaining 60
     lr_80 = trainer.optimizer.param_groups[0]["lr"]
-    # a later fit (after an evaluation) moves the end but keeps the evaluation period
-    trainer._fit_budget(40, 10.0, 0.5, bar)
-    assert trainer.max_iters == 60 and trainer.eval_period == 20
+    # a later fit (after the evaluation at 35) moves the end: the three still to come spread
+    # over what is left, the last at the new end (no extra evaluation just before it)
+    trainer._fit_budget(35, 12.5, 0.5, bar)
+    assert trainer.max_iters == 60 and trainer.eval_points == [35, 44, 52, 60]
+    assert trainer._evals_left(35) == 3 and trainer._eval_due(52) and not trainer._eval_due(50)
     assert trainer.optimizer.param_groups[0]["lr"] < lr_80  # further along a shorter cosine
     trainer._fit_budget(40, 1e6, 0.5, bar)  # never beyond the configured max_iters
     assert trainer.max_iters == 1000
@@ -237,5 +239,10 @@ def test_time_budget_counts_evaluations(data_dir, tmp_path, monkeypatch):
     result = train(cfg, tmp_path / "run")
     spent = time_mod.perf_counter() - start
     assert 21 <= result["iterations"] < 400
+    evals = [r["iter"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+             if r["type"] == "eval"]  # fmt: skip
+    # never more than the 4 asked for (a re-fit moving the end adds none), the last at the end
+    assert 1 <= len(evals) <= 4 and evals == sorted(set(evals))
+    assert evals[-1] == result["iterations"]
     # 4 evaluations take 4 s of the 6: without counting them training would end near 10 s
     assert spent < 6.0 + 2.0  # setup and the final plots are outside the budget

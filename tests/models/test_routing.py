@@ -525,3 +525,54 @@ def test_keep_gates_are_detached() -> None:
     gates = tower.layers[0].last_gates
     assert [g is None for g in gates["up"]] == [False, False, False]  # unused P3-up is counted
     assert len(gates["depth"]) == 3 and all(g.grad_fn is None for g in gates["depth"])
+
+
+def _masked_training(tower: RoutingTower, threshold: float) -> RoutingTower:
+    for layer in tower.layers:
+        layer.depth.train_gn_mode = "masked"
+        layer.depth.conv1.dense_threshold = threshold
+        layer.depth.conv2.dense_threshold = threshold
+    return tower
+
+
+@pytest.mark.parametrize("threshold", [0.0, 2.0])  # dense conv + masked GN, or the sparse path
+def test_masked_training_is_the_eval_function(threshold: float) -> None:
+    tower = _masked_training(randomised_tower(seed=2), threshold)
+    feats = [f.double() for f in tiny_levels(n=2, c=8, seed=7)]
+    with torch.no_grad():
+        expected, _ = tower.eval()(feats)
+    outs, cost = tower.train()(feats)
+    assert (cost.executed < cost.full).all(), "test needs partly closed gates"
+    for o, e in zip(outs, expected, strict=True):
+        torch.testing.assert_close(o, e, atol=1e-10, rtol=1e-10)
+
+
+def test_masked_training_gradients_sparse_equal_dense() -> None:
+    """The sparse path's gradients (convs at open pixels, GN over them) equal autograd through
+    the dense formula with the same masked statistics, for every parameter and the input."""
+    grads = []
+    for threshold in (0.0, 2.0):
+        tower = _masked_training(randomised_tower(seed=3), threshold).train()
+        feats = [f.double().requires_grad_() for f in tiny_levels(n=2, c=8, seed=8)]
+        outs, cost = tower(feats)
+        w = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype)
+             for i, o in enumerate(outs)]  # fmt: skip
+        (sum((o * wi).sum() for o, wi in zip(outs, w, strict=True))
+         + budget_loss(cost, 0.1)).backward()  # fmt: skip
+        grads.append([p.grad for p in tower.parameters()] + [f.grad for f in feats])
+    depth_conv = tower.layers[0].depth.conv1.weight.grad
+    assert depth_conv is not None and depth_conv.abs().max() > 0
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_train_gn_mode_is_checked_and_reaches_the_heads() -> None:
+    with pytest.raises(ValueError, match="train_gn_mode"):
+        RoutingTower(8, 1, num_groups=2, train_gn_mode="sparse")
+    from dynadet.api import build_model
+    from dynadet.config import load_config
+
+    cfg = load_config("quickstart", ["+model.head.train_gn_mode=masked"])
+    head = build_model(cfg).head
+    assert {b.depth.train_gn_mode for t in (head.cls_tower, head.reg_tower)
+            for b in t.layers} == {"masked"}  # fmt: skip

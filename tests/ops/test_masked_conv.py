@@ -367,3 +367,83 @@ def test_tap_weight_cache_follows_in_place_weight_updates() -> None:
         conv.load_state_dict({"weight": torch.ones_like(conv.weight)})
         ones = conv(x, mask)
     torch.testing.assert_close(ones, F.conv2d(x, torch.ones(6, 4, 3, 3), padding=1) * mask)
+
+
+@pytest.mark.parametrize("threshold", [SPARSE, DENSE, 0.5])
+@pytest.mark.parametrize("grad", [False, True])
+def test_bf16_autocast_runs_in_bf16_and_normalises_in_fp32(threshold: float, grad: bool) -> None:
+    x, weight, _ = make(2, 16, 9, 10, 16, seed=3)
+    norm = gn_module(16, 4)
+    mask = random_mask(2, 9, 10, 0.3, seed=1)
+    with torch.no_grad():
+        ref = masked_conv_gn(x, mask, weight, None, norm, relu=True, dense_threshold=threshold)
+    xx = x.clone().requires_grad_(grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+        out = masked_conv_gn(xx, mask, weight, None, norm, relu=True, dense_threshold=threshold)
+        plain = masked_conv2d(xx, mask, weight, dense_threshold=threshold)
+    assert out.dtype == torch.float32 and plain.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, atol=0.06, rtol=0.05)  # bf16 conv, fp32 statistics
+    torch.testing.assert_close(plain.float(), F.conv2d(x, weight, padding=1) * mask,
+                               atol=0.06, rtol=0.02)  # fmt: skip
+    if grad:
+        out.square().sum().backward()
+        assert xx.grad is not None and torch.isfinite(xx.grad).all()
+
+
+def test_bf16_input_without_autocast_keeps_bf16() -> None:
+    x, weight, _ = make(1, 8, 6, 7, 8, seed=4)
+    norm = gn_module(8, 2)
+    mask = random_mask(1, 6, 7, 0.4, seed=2)
+    for threshold in (SPARSE, 0.0):
+        out = masked_conv_gn(x.bfloat16(), mask, weight.bfloat16(), None, norm.bfloat16(),
+                             dense_threshold=threshold)  # fmt: skip
+        assert out.dtype == torch.bfloat16
+        ref = masked_conv_gn(x, mask, weight, None, norm.float(), dense_threshold=threshold)
+        torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+
+
+def _depth_convs(c: int, groups: int, seed: int) -> tuple[MaskedConvGN, MaskedConvGN]:
+    torch.manual_seed(seed)
+    conv1 = MaskedConvGN(c, c, num_groups=groups, relu=True).double()
+    conv2 = MaskedConvGN(c, c, num_groups=groups, relu=False).double()
+    for conv in (conv1, conv2):
+        with torch.no_grad():
+            conv.weight.normal_(0, 0.2)
+            conv.norm.weight.uniform_(0.5, 1.5)
+            conv.norm.bias.normal_(0, 0.3)
+    return conv1, conv2
+
+
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.3, 0.6])
+@pytest.mark.parametrize("n", [1, 3])
+def test_fused_gated_residual_equals_unfused(density: float, n: int) -> None:
+    from dynadet.ops.masked_conv import masked_gated_residual
+
+    conv1, conv2 = _depth_convs(8, 2, seed=1)
+    for conv in (conv1, conv2):
+        conv.dense_threshold = 2.0  # the fused path runs at every density
+    x, _, _ = make(n, 8, 9, 11, 8, seed=4)
+    y = x.double().contiguous(memory_format=torch.channels_last)
+    gate = random_mask(n, 9, 11, density, seed=5).double() * torch.rand(n, 1, 9, 11).double()
+    with torch.no_grad():
+        hidden = conv1(y, dilate_mask(gate), "masked")
+        expected = F.relu(y + conv2(hidden, gate, "masked") * gate)
+        fused = masked_gated_residual(y, gate, conv1, conv2)
+    assert fused is not None and fused.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fused, expected, atol=1e-10, rtol=1e-10)
+
+
+def test_fused_gated_residual_declines_what_it_does_not_cover() -> None:
+    from dynadet.ops.masked_conv import masked_gated_residual
+
+    conv1, conv2 = _depth_convs(8, 2, seed=2)
+    y = torch.randn(1, 8, 6, 7).double()
+    gate = random_mask(1, 6, 7, 0.2, seed=1).double()
+    with torch.no_grad():
+        assert masked_gated_residual(y, gate, conv1, conv2) is None  # NCHW input
+        cl = y.contiguous(memory_format=torch.channels_last)
+        assert masked_gated_residual(cl, gate, conv1, conv2) is not None
+        conv1.dense_threshold = 0.0  # dense is cheaper: the caller's path decides
+        assert masked_gated_residual(cl, gate, conv1, conv2) is None
+    conv1.dense_threshold = 2.0
+    assert masked_gated_residual(cl, gate, conv1, conv2) is None  # autograd: unfused path

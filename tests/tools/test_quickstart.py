@@ -8,8 +8,8 @@ from dynadet.config import load_config
 
 def test_quickstart_preset_uses_a_dynamic_head():
     head = load_config("quickstart")["model"]["head"]
-    assert head["type"] == "FCOSRoutingHead" and head["dynamic"] is True
-    assert head["budget_loss_weight"] > 0
+    assert head["type"] == "ATSSRoutingHead" and head["dynamic"] is True
+    assert head["budget_loss_weight"] > 0 and head["train_gn_mode"] == "masked"
 
 
 def test_quickstart_writes_model_metrics_pictures_and_plots(tmp_path):
@@ -20,7 +20,7 @@ def test_quickstart_writes_model_metrics_pictures_and_plots(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] >= 1 and "AP" in summary["metrics"]
     text = (out / "summary.md").read_text()
-    assert "FCOSRoutingHead" in text and "| AP |" in text and "Dynamic head: the gates" in text
+    assert "ATSSRoutingHead" in text and "| AP |" in text and "Dynamic head: the gates" in text
     assert any((out / "predictions").glob("*.png"))
     plots = {p.name for p in (out / "plots").glob("*.png")}
     assert {"loss.png", "dynamics.png"} <= plots
