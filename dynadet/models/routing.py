@@ -208,7 +208,9 @@ class ScalePath(nn.Module):
         if not compute:
             return None, gate
         feature = self.norm(self.conv(x))
-        return (feature if gate is None else feature * gate), gate
+        if gate is not None:  # in place without autograd: one full-map temporary less
+            feature = feature * gate if torch.is_grad_enabled() else feature.mul_(gate)
+        return feature, gate
 
 
 class GatedResidualBlock(nn.Module):
@@ -242,19 +244,24 @@ class GatedResidualBlock(nn.Module):
         for conv in (self.conv1, self.conv2):
             nn.init.normal_(conv.weight, std=0.01)
 
-    def forward(self, y: Tensor) -> tuple[Tensor, Tensor | None]:
+    def forward(self, y: Tensor, owned: bool = False) -> tuple[Tensor, Tensor | None]:
+        """``owned=True``: ``y`` is the caller's temporary, which inference may overwrite."""
+        inplace = not torch.is_grad_enabled()  # no autograd: temporaries updated in place
         if self.gate is None:
-            return F.relu(y + self.conv2(self.conv1(y))), None
+            branch = self.conv2(self.conv1(y))
+            return (branch.add_(y).relu_() if inplace else F.relu(y + branch)), None
         gate = self.gate(y)
         if (self.train_gn_mode if self.training else self.gn_mode) == "dense":
             branch = self.conv2(self.conv1(y))
         else:
-            fused = masked_gated_residual(y, gate, self.conv1, self.conv2)
+            fused = masked_gated_residual(y, gate, self.conv1, self.conv2, inplace=owned)
             if fused is not None:  # channels-last input at inference: no zero maps between
                 return fused, gate
             # conv2 reads a 3×3 neighbourhood, so conv1 must cover the dilated mask.
             hidden = self.conv1(y, dilate_mask(gate), "masked")
             branch = self.conv2(hidden, gate, "masked")
+        if inplace:
+            return branch.mul_(gate).add_(y).relu_(), gate
         return F.relu(y + branch * gate), gate
 
 
@@ -342,11 +349,21 @@ class RoutingLayer(nn.Module):
                 parts.append(_resize(down[level - 1], size))
             if level < num - 1:
                 parts.append(_resize(up[level + 1], size))
-            y = x * self.output_weight
-            if parts:
+            if not parts:
+                y = x * self.output_weight
+            elif torch.is_grad_enabled():
                 agg = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-                y = y + (agg * self.scale_weight if self.scale_weight is not None else agg)
-            z, gate = self.depth(y)
+                y = x * self.output_weight + (
+                    agg * self.scale_weight if self.scale_weight is not None else agg
+                )
+            else:
+                # Inference: y = scale_weight · (R(down) + R(up)) + output_weight · x, built in
+                # the resized (or, at equal size, scale-path) temporaries, each used only here.
+                y = parts[0] if len(parts) == 1 else parts[0].add_(parts[1])
+                if self.scale_weight is not None:
+                    y.mul_(self.scale_weight)
+                y.addcmul_(x, self.output_weight)
+            z, gate = self.depth(y, owned=True)
             outputs.append(z)
             gates["depth"].append(gate)
             if gate is not None:

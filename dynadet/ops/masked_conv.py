@@ -60,6 +60,9 @@ GN_MODES = ("masked", "dense")
 # the crossover is probably lower (cuDNN vs gather + GEMM): measure with ``--device cuda``.
 DEFAULT_DENSE_THRESHOLD = 0.65
 
+# Inference scratch buffers alive at the same time (see _scratch).
+_SLOT_PADDED, _SLOT_HIDDEN, _SLOT_ROWS, _SLOT_GATHER, _SLOT_RESIDUAL = range(5)
+
 # Rows per gather/GEMM chunk: a [rows, C] slice of 256 channels is 1 MB in float32, so the
 # gathered rows and the accumulator stay in a core's L2 across the k² taps (measured, 1 thread:
 # 15 µs per row of 9 taps at 512–1024 rows, 20 µs at 4096).
@@ -351,18 +354,21 @@ def _gather_gemm(
             cols = source.index_select(0, index.t().reshape(-1)).view(-1, kh * kw * c)
             out = cols @ w_taps.reshape(kh * kw * c, c_out)
             return out + bias if bias is not None else out
-        chunks = []
-        for start in range(0, base.shape[0], _CHUNK_ROWS):
+        # Inference: the result and the gathered rows live in reused scratch buffers (fresh
+        # multi-megabyte tensors are page-faulted in on every call); the caller consumes the
+        # result before the next call.
+        k = base.shape[0]
+        out = _scratch(source, (k, c_out), source.dtype, _SLOT_ROWS)
+        gathered = _scratch(source, (min(k, _CHUNK_ROWS), c), source.dtype, _SLOT_GATHER)
+        for start in range(0, k, _CHUNK_ROWS):
             idx = index[:, start : start + _CHUNK_ROWS]
-            acc = source.index_select(0, idx[0]) @ w_taps[0]
+            acc, rows = out[start : start + idx.shape[1]], gathered[: idx.shape[1]]
+            torch.mm(torch.index_select(source, 0, idx[0], out=rows), w_taps[0], out=acc)
             for t in range(1, len(taps)):
-                acc.addmm_(source.index_select(0, idx[t]), w_taps[t])
+                acc.addmm_(torch.index_select(source, 0, idx[t], out=rows), w_taps[t])
             if bias is not None:
-                acc = acc + bias
-            chunks.append(acc)
-    if not chunks:
-        return source.new_zeros(0, c_out)
-    return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+                acc.add_(bias)
+    return out
 
 
 def _sparse_conv_rows(
@@ -491,7 +497,7 @@ def masked_conv2d(
 
 
 def masked_gated_residual(
-    y: Tensor, gate: Tensor, conv1: MaskedConvGN, conv2: MaskedConvGN
+    y: Tensor, gate: Tensor, conv1: MaskedConvGN, conv2: MaskedConvGN, inplace: bool = False
 ) -> Tensor | None:
     """FGDH's depth path at inference, fused: ``ReLU(y + gate · B(y))`` with
     ``B = GN(conv2(ReLU(GN(conv1(·)))))``, conv1 on the 3×3-dilated gate mask and conv2 on the
@@ -503,7 +509,8 @@ def masked_gated_residual(
     (``ReLU(y)`` everywhere else) — three fewer passes over the map than the unfused form.
 
     ``y [N, C, H, W]`` channels-last contiguous, ``gate [N, 1, H, W]`` (0 = closed) →
-    channels-last ``[N, C, H, W]``; ``None`` where the fused path does not apply (autograd or
+    channels-last ``[N, C, H, W]`` (``y`` itself, overwritten, with ``inplace=True``); ``None``
+    where the fused path does not apply (autograd or
     autocast on, ``y`` not channels-last, a non-3×3 conv, or conv1's mask above its dense
     threshold): the caller then runs the unfused form.
     """
@@ -525,21 +532,24 @@ def masked_gated_residual(
         return None
     active2 = open2.reshape(-1).nonzero().squeeze(1)
     hp, wp = h + 2, w + 2
-    source1 = _padded_rows(y, (1, 1), y.dtype, slot=0)
+    source1 = _padded_rows(y, (1, 1), y.dtype, _SLOT_PADDED)
     rows1 = _gather_gemm(source1, _window_base(active1, (h, w), (hp, wp)), conv1.weight, None,
                          wp, (1, 1), grad=False)  # fmt: skip
     rows1 = _norm_relu_rows_inplace(rows1, open1.flatten(1).sum(1), conv1.norm, True)
     # conv2's input: conv1's rows at their (padded) positions, zeros elsewhere
-    source2 = _scratch(y, (n * hp * wp, c), y.dtype, slot=1).zero_()
+    source2 = _scratch(y, (n * hp * wp, c), y.dtype, _SLOT_HIDDEN).zero_()
     source2.index_copy_(0, _window_base(active1, (h, w), (hp, wp)) + wp + 1, rows1)
     rows2 = _gather_gemm(source2, _window_base(active2, (h, w), (hp, wp)), conv2.weight, None,
                          wp, (1, 1), grad=False)  # fmt: skip
     rows2 = _norm_relu_rows_inplace(rows2, open2.flatten(1).sum(1), conv2.norm, False)
-    out = torch.relu(y)  # channels-last like y
+    y_rows = torch.index_select(
+        y.permute(0, 2, 3, 1).reshape(n * h * w, c), 0, active2,
+        out=_scratch(y, (active2.shape[0], c), y.dtype, _SLOT_RESIDUAL),
+    )
+    out = y.relu_() if inplace else torch.relu(y)  # channels-last like y
     out_rows = out.permute(0, 2, 3, 1).view(n * h * w, c)
-    y_rows = y.permute(0, 2, 3, 1).reshape(n * h * w, c).index_select(0, active2)
     g = gate.reshape(-1).index_select(0, active2).to(rows2.dtype)[:, None]
-    out_rows.index_copy_(0, active2, torch.addcmul(y_rows, rows2, g).relu_())
+    out_rows.index_copy_(0, active2, y_rows.addcmul_(rows2, g).relu_())
     return out
 
 

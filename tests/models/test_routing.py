@@ -576,3 +576,27 @@ def test_train_gn_mode_is_checked_and_reaches_the_heads() -> None:
     head = build_model(cfg).head
     assert {b.depth.train_gn_mode for t in (head.cls_tower, head.reg_tower)
             for b in t.layers} == {"masked"}  # fmt: skip
+
+
+def test_inference_leaves_inputs_untouched_and_matches_autograd_mode() -> None:
+    """Without autograd the towers update their own temporaries in place; the caller's
+    features (and a block's input unless it is ``owned``) must come back unchanged."""
+    for dynamic in (True, False):
+        tower = randomised_tower(seed=4) if dynamic else RoutingTower(8, 2, False, 2).double()
+        tower.eval()
+        feats = [f.double() for f in tiny_levels(n=2, c=8, seed=9)]
+        copies = [f.clone() for f in feats]
+        with torch.no_grad():
+            fast, _ = tower(feats)
+        with torch.enable_grad():
+            slow, _ = tower(feats)  # eval mode with autograd: the out-of-place formulas
+        for f, c in zip(feats, copies, strict=True):
+            assert torch.equal(f, c)
+        for a, b in zip(fast, slow, strict=True):
+            torch.testing.assert_close(a, b.detach(), atol=1e-10, rtol=1e-10)
+    for block in (randomised_tower(seed=5).eval().layers[0].depth, tower.layers[0].depth):
+        y = torch.randn(1, 8, 5, 6).double().contiguous(memory_format=torch.channels_last)
+        y0 = y.clone()
+        with torch.no_grad():
+            block(y)
+        assert torch.equal(y, y0)
