@@ -20,7 +20,14 @@ Inference. Gate zeros are exact, so in eval mode the depth path runs through
 :func:`~dynadet.ops.masked_conv.masked_conv_gn`: conv1 on the gate mask dilated by 3×3, conv2 on
 the gate mask, with GroupNorm statistics over those active pixels (``gn_mode="masked"``, as the
 reference evaluated its released weights); ``gn_mode="dense"`` computes the training formula
-instead. The scale paths stay dense (as in the reference).
+instead. The scale paths stay dense (as in the reference). Without autograd the towers run
+channels-last, the depth path is the fused
+:func:`~dynadet.ops.masked_conv.masked_gated_residual` and temporaries are updated in place.
+
+Training. The reference trains the depth path densely (``train_gn_mode="dense"``, default);
+``train_gn_mode="masked"`` trains the inference formula itself, through the sparse path with
+autograd — not the reference's training, but train and test then compute the same function and
+a step costs less as the gates close (the quickstart uses it).
 
 Cost accounting (per image, MACs; README "FLOPs" = MACs / 2^30 on the 32-padded input), every
 forward returns a fresh :class:`RoutingCost` — nothing accumulates in the modules, so there is

@@ -26,9 +26,16 @@ off and the same numbers are computed densely: ``conv2d`` → GN with masked sta
 ``× mask``. ``gn_mode="dense"`` always takes that dense path, because whole-map GN statistics
 need the conv output at every pixel.
 
-Gradients: inference does not need them (the FGDH training path is a dense conv multiplied by the
-gate), but every step here is an ordinary differentiable op, so autograd works through the sparse
-path too (tested with ``gradcheck``); only the mask is non-differentiable.
+Gradients: every step here is an ordinary differentiable op, so autograd works through the
+sparse path (tested with ``gradcheck``; only the mask is non-differentiable). The FGDH reference
+trains its depth path densely (a dense conv times the gate); ``train_gn_mode="masked"`` trains
+it through this path instead, where each conv is one im2col gather of all taps and one GEMM, so
+autograd keeps a single index per conv. Under autocast the gathers and GEMMs run in the autocast
+dtype and GroupNorm statistics in float32.
+
+Inference extras: :func:`masked_gated_residual` fuses FGDH's two-conv depth path for
+channels-last inputs, and the per-call buffers (padded input, gathered rows, GEMM output) are
+per-thread scratch reused across calls.
 """
 
 from __future__ import annotations

@@ -238,7 +238,7 @@ def test_time_budget_counts_evaluations(data_dir, tmp_path, monkeypatch):
     start = time_mod.perf_counter()
     result = train(cfg, tmp_path / "run")
     spent = time_mod.perf_counter() - start
-    assert 21 <= result["iterations"] < 400
+    assert 6 <= result["iterations"] < 400  # calibration (5) + at least one on a busy machine
     evals = [r["iter"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
              if r["type"] == "eval"]  # fmt: skip
     # never more than the 4 asked for (a re-fit moving the end adds none), the last at the end
