@@ -600,3 +600,17 @@ def test_inference_leaves_inputs_untouched_and_matches_autograd_mode() -> None:
         with torch.no_grad():
             block(y)
         assert torch.equal(y, y0)
+
+
+def test_masked_training_with_every_gate_closed_still_reaches_every_parameter() -> None:
+    """DDP without find_unused_parameters needs every parameter in the graph on every rank,
+    also when one rank's gates are all closed: the empty sparse path keeps the convs in it."""
+    tower = _masked_training(randomised_tower(seed=6), 2.0).train()
+    with torch.no_grad():
+        for layer in tower.layers:
+            layer.depth.gate.conv.bias.fill_(-50.0)  # depth gates shut everywhere
+    outs, cost = tower([f.double() for f in tiny_levels(n=2, c=8, seed=10)])
+    (sum(o.sum() for o in outs) + budget_loss(cost, 0.1)).backward()
+    depth = tower.layers[0].depth
+    for p in (depth.conv1.weight, depth.conv2.weight, depth.conv1.norm.weight):
+        assert p.grad is not None and p.grad.abs().max() == 0
