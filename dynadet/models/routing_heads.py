@@ -22,15 +22,12 @@ from dynadet.ops.masked_conv import DEFAULT_DENSE_THRESHOLD
 
 __all__ = ["ATSSRoutingHead", "RetinaNetRoutingHead", "RoutingTowersMixin"]
 
-_ROUTING_KEYS = (
-    "num_layers", "dynamic", "budget_loss_weight", "tau", "init_gate", "num_groups", "gn_mode",
-    "dense_threshold", "count_unused_paths", "count_depthwise_twice", "train_gn_mode",
-)  # fmt: skip
-
-
 def split_routing_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Separate the routing arguments from the base head's."""
-    routing = {k: kwargs.pop(k) for k in _ROUTING_KEYS if k in kwargs}
+    """Separate the routing arguments (those of :meth:`RoutingTowersMixin.setup_routing`)
+    from the base head's."""
+    keys = set(inspect.signature(RoutingTowersMixin.setup_routing).parameters)
+    keys -= {"self", "channels"}
+    routing = {k: kwargs.pop(k) for k in list(kwargs) if k in keys}
     return routing, kwargs
 
 

@@ -83,7 +83,7 @@ def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
     return int(a), int(b)
 
 
-def _compute_dtype(x: Tensor) -> Tensor:
+def _compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype convolutions of ``x`` run in: the autocast dtype when autocast is on."""
     kind = x.device.type
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
@@ -260,7 +260,7 @@ _WORKSPACE = threading.local()  # per thread: concurrent inference calls never s
 
 
 def _scratch(like: Tensor, shape: tuple[int, ...], dtype: torch.dtype, slot: int = 0) -> Tensor:
-    """An uninitialised ``shape`` buffer for the padded channels-last copy of the input.
+    """An uninitialised ``shape`` buffer of ``dtype`` (padded input, gathered rows, GEMM output).
 
     Without autograd (inference) one buffer per thread, device, dtype, inference-mode state and
     ``slot`` (buffers alive at the same time) is kept and reused, growing as needed: a fresh
@@ -388,9 +388,6 @@ def _sparse_conv_rows(
     out_hw: tuple[int, int],
 ) -> Tensor:
     """Conv outputs ``[K, C_out]`` at the flat positions ``active [K]`` of ``[N, Ho, Wo]``."""
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight expects {weight.shape[1]} input channels, input has "
-                         f"{x.shape[1]}")  # fmt: skip
     h, w = x.shape[-2:]
     padded_hw = (h + 2 * padding[0], w + 2 * padding[1])
     source = _padded_rows(x, padding, _compute_dtype(x))
@@ -517,9 +514,9 @@ def masked_gated_residual(
 
     ``y [N, C, H, W]`` channels-last contiguous, ``gate [N, 1, H, W]`` (0 = closed) →
     channels-last ``[N, C, H, W]`` (``y`` itself, overwritten, with ``inplace=True``); ``None``
-    where the fused path does not apply (autograd or
-    autocast on, ``y`` not channels-last, a non-3×3 conv, or conv1's mask above its dense
-    threshold): the caller then runs the unfused form.
+    where the fused path does not apply (autograd or autocast on, ``y`` not channels-last, a
+    non-3×3 conv, or conv1's mask above its dense threshold): the caller then runs the unfused
+    form.
     """
     kind = y.device.type
     if (torch.is_grad_enabled() and (y.requires_grad or conv1.weight.requires_grad)) or (
@@ -539,13 +536,14 @@ def masked_gated_residual(
         return None
     active2 = open2.reshape(-1).nonzero().squeeze(1)
     hp, wp = h + 2, w + 2
+    base1 = _window_base(active1, (h, w), (hp, wp))
     source1 = _padded_rows(y, (1, 1), y.dtype, _SLOT_PADDED)
-    rows1 = _gather_gemm(source1, _window_base(active1, (h, w), (hp, wp)), conv1.weight, None,
-                         wp, (1, 1), grad=False)  # fmt: skip
+    rows1 = _gather_gemm(source1, base1, conv1.weight, None, wp, (1, 1), grad=False)
     rows1 = _norm_relu_rows_inplace(rows1, open1.flatten(1).sum(1), conv1.norm, True)
-    # conv2's input: conv1's rows at their (padded) positions, zeros elsewhere
+    # conv2's input: conv1's rows at their (padded) positions — window top-left + (1, 1) —
+    # zeros elsewhere
     source2 = _scratch(y, (n * hp * wp, c), y.dtype, _SLOT_HIDDEN).zero_()
-    source2.index_copy_(0, _window_base(active1, (h, w), (hp, wp)) + wp + 1, rows1)
+    source2.index_copy_(0, base1 + wp + 1, rows1)
     rows2 = _gather_gemm(source2, _window_base(active2, (h, w), (hp, wp)), conv2.weight, None,
                          wp, (1, 1), grad=False)  # fmt: skip
     rows2 = _norm_relu_rows_inplace(rows2, open2.flatten(1).sum(1), conv2.norm, False)

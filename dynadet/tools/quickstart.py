@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, overrides: list[str] | None = None) -> dict[str, Any]:
     from torch.cuda import is_available as cuda_ok
 
-    from dynadet.api import Detector
+    from dynadet.api import Detector, build_model
     from dynadet.data.coco import CocoDetection
     from dynadet.data.synthetic import write_synthetic_dataset
     from dynadet.engine.amp import resolve_amp
@@ -49,9 +49,11 @@ def run(args: argparse.Namespace, overrides: list[str] | None = None) -> dict[st
 
     out = Path(args.out)
     t0 = time.perf_counter()
-    # Config mistakes (unknown keys, a bad train.amp) fail now, not after the data is written.
+    # Config mistakes (unknown keys, a bad train.amp, a bad model argument) fail now, not after
+    # the data is written.
     cfg = load_config(args.config, list(overrides or []))
     resolve_amp(cfg["train"].get("amp"), args.device or ("cuda" if cuda_ok() else "cpu"))
+    build_model(cfg)
     if args.images < 1 or args.val_images < 1:
         raise ValueError("--images and --val-images must be >= 1")
     total = args.images + args.val_images

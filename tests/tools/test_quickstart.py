@@ -24,3 +24,11 @@ def test_quickstart_writes_model_metrics_pictures_and_plots(tmp_path):
     assert any((out / "predictions").glob("*.png"))
     plots = {p.name for p in (out / "plots").glob("*.png")}
     assert {"loss.png", "dynamics.png"} <= plots
+
+
+def test_bad_model_argument_fails_before_any_data_is_written(tmp_path, capsys):
+    out = tmp_path / "qs"
+    argv = ["quickstart", "--out", str(out), "model.head.train_gn_mode=sparse"]
+    assert cli_main(argv) == 2
+    assert "train_gn_mode must be one of" in capsys.readouterr().err
+    assert not out.exists()
