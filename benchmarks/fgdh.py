@@ -41,13 +41,13 @@ from dynadet.tools.flops import PAPER_UNIT, MacCounter, level_sizes
 FIX, DYNAMIC = "fgdh_r50_fcos_fix_d8_1x", "fgdh_r50_fcos_dynamic_d8_mid_1x"
 
 
-class ForcedDensityGate(nn.Module):
+class ForcedDensityGate(SpatialGate):
     """Wraps a :class:`SpatialGate`: ``[N, C, H, W] → [N, 1, H, W]``, open (≥ 0.5) on a fixed
     mask with a ``density`` fraction of open pixels per image, exactly 0 elsewhere."""
 
     def __init__(self, gate: SpatialGate, density: float, pattern: str, seed: int) -> None:
-        super().__init__()
-        self.gate = gate
+        super().__init__(gate.conv.in_channels, gate.tau)
+        self.load_state_dict(gate.state_dict())
         self.density = density
         self.pattern = pattern
         self.seed = seed
@@ -69,8 +69,8 @@ class ForcedDensityGate(nn.Module):
             self._masks[shape] = flat.view(n, 1, h, w).to(like)
         return self._masks[shape]
 
-    def forward(self, x: Tensor) -> Tensor:
-        gate = self.gate(x)
+    def activate(self, logits: Tensor) -> Tensor:
+        gate = super().activate(logits)
         return gate.clamp(min=0.5) * self.mask(tuple(gate.shape), gate)
 
 
@@ -80,7 +80,7 @@ def force_density(head: nn.Module, density: float, pattern: str) -> int:
         (parent, name, child)
         for parent in head.modules()
         for name, child in parent.named_children()
-        if isinstance(child, SpatialGate)
+        if isinstance(child, SpatialGate) and not isinstance(child, ForcedDensityGate)
     ]
     for i, (parent, name, child) in enumerate(targets):
         setattr(parent, name, ForcedDensityGate(child, density, pattern, seed=i))

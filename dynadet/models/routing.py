@@ -81,8 +81,8 @@ from dynadet.ops.masked_conv import (
     DEFAULT_DENSE_THRESHOLD,
     GN_MODES,
     MaskedConvGN,
-    dilate_mask,
     masked_gated_residual,
+    masked_gated_residual_levels,
 )
 from dynadet.ops.narrow_conv import narrow_conv2d
 
@@ -97,6 +97,7 @@ __all__ = [
     "budget_loss",
     "gate_init_bias",
     "geretanh",
+    "paired_gates",
     "rename_reference_key",
 ]
 
@@ -150,7 +151,20 @@ class SpatialGate(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # same numbers as self.conv(x), 6–7× faster on CPU for one output channel
-        return geretanh(narrow_conv2d(x, self.conv.weight, self.conv.bias), self.tau)
+        return self.activate(narrow_conv2d(x, self.conv.weight, self.conv.bias))
+
+    def activate(self, logits: Tensor) -> Tensor:
+        """Gate values from the conv's output ``[N, 1, H, W]``."""
+        return geretanh(logits, self.tau)
+
+
+def paired_gates(x: Tensor, first: SpatialGate, second: SpatialGate) -> tuple[Tensor, Tensor]:
+    """``(first(x), second(x))`` from one two-channel conv: ``x`` is read once, not twice
+    (the two scale paths of a level gate the same input). ``[N, C, H, W] → 2 × [N, 1, H, W]``."""
+    weight = torch.cat([first.conv.weight, second.conv.weight])
+    bias = torch.cat([first.conv.bias, second.conv.bias])
+    logits = narrow_conv2d(x, weight, bias)
+    return first.activate(logits[:, :1]), second.activate(logits[:, 1:])
 
 
 @dataclass
@@ -173,11 +187,13 @@ class RoutingCost:
         return RoutingCost(like.new_zeros(n), f64, f64.clone())
 
     @staticmethod
-    def of_gate(gate: Tensor, unit: int, detach: bool) -> RoutingCost:
-        """Cost of running ``unit`` MACs per pixel where ``gate [N, 1, H, W]`` is open."""
-        soft = (gate.detach() if detach else gate).flatten(1).sum(1) * unit
-        executed = (gate > 0).flatten(1).sum(1).to(torch.float64) * unit
-        full = torch.full_like(executed, float(gate[0].numel() * unit))
+    def of_gates(gates: Sequence[Tensor], unit: int, detach: bool) -> RoutingCost:
+        """Cost of running ``unit`` MACs per pixel where each ``gate [N, 1, H_i, W_i]`` is open
+        (a few ops for all the gates at once: inference calls this per layer)."""
+        flat = torch.cat([g.flatten(1) for g in gates], 1)
+        soft = (flat.detach() if detach else flat).sum(1) * unit
+        executed = (flat > 0).sum(1).to(torch.float64) * unit
+        full = torch.full_like(executed, float(flat.shape[1] * unit))
         return RoutingCost(soft, executed, full)
 
     @staticmethod
@@ -195,8 +211,10 @@ def budget_loss(cost: RoutingCost, weight: float) -> Tensor:
 class ScalePath(nn.Module):
     """Depthwise 3×3 conv (with bias) → GroupNorm, times an optional spatial gate of the input.
 
-    ``forward(x [N, C, H, W], compute=True) → (feature [N, C, H, W] | None, gate [N, 1, H, W] |
-    None)``; ``compute=False`` returns only the gate (for cost accounting of a discarded path).
+    ``forward(x [N, C, H, W], compute=True, gate=None) → (feature [N, C, H, W] | None,
+    gate [N, 1, H, W] | None)``; ``compute=False`` returns only the gate (for cost accounting of
+    a discarded path); ``gate``: this path's gate of ``x`` when already computed
+    (:func:`paired_gates`).
     Keys: ``conv.*``, ``norm.*`` and, when gated, ``gate.conv.*``.
     """
 
@@ -210,8 +228,11 @@ class ScalePath(nn.Module):
         nn.init.normal_(self.conv.weight, std=0.01)
         nn.init.zeros_(self.conv.bias)
 
-    def forward(self, x: Tensor, compute: bool = True) -> tuple[Tensor | None, Tensor | None]:
-        gate = self.gate(x) if self.gate is not None else None
+    def forward(
+        self, x: Tensor, compute: bool = True, gate: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        if gate is None and self.gate is not None:
+            gate = self.gate(x)
         if not compute:
             return None, gate
         feature = self.norm(self.conv(x))
@@ -223,8 +244,9 @@ class ScalePath(nn.Module):
 class GatedResidualBlock(nn.Module):
     """``ReLU(y + gate(y) · GN(Conv(ReLU(GN(Conv(y))))))``; without a gate, a plain basic block.
 
-    ``forward(y [N, C, H, W]) → (z [N, C, H, W], gate [N, 1, H, W] | None)``. In eval mode with
-    ``gn_mode="masked"`` the branch runs on the open pixels only (see module docstring).
+    ``forward(y [N, C, H, W]) → (z [N, C, H, W], gate [N, 1, H, W] | None, dilated [N, 1, H, W]
+    | None)``, ``dilated`` the gate's 3×3 max-pool (conv1's mask, and its cost). In eval mode
+    with ``gn_mode="masked"`` the branch runs on the open pixels only (see module docstring).
     Keys: ``conv1.weight``, ``conv1.norm.*``, ``conv2.weight``, ``conv2.norm.*``, ``gate.conv.*``.
     """
 
@@ -251,25 +273,58 @@ class GatedResidualBlock(nn.Module):
         for conv in (self.conv1, self.conv2):
             nn.init.normal_(conv.weight, std=0.01)
 
-    def forward(self, y: Tensor, owned: bool = False) -> tuple[Tensor, Tensor | None]:
-        """``owned=True``: ``y`` is the caller's temporary, which inference may overwrite."""
+    def forward(
+        self,
+        y: Tensor,
+        owned: bool = False,
+        gate: Tensor | None = None,
+        dilated: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``owned=True``: ``y`` is the caller's temporary, which inference may overwrite.
+        ``gate``, ``dilated``: this block's gate of ``y`` and its max-pool, when computed."""
         inplace = not torch.is_grad_enabled()  # no autograd: temporaries updated in place
         if self.gate is None:
             branch = self.conv2(self.conv1(y))
-            return (branch.add_(y).relu_() if inplace else F.relu(y + branch)), None
-        gate = self.gate(y)
+            return (branch.add_(y).relu_() if inplace else F.relu(y + branch)), None, None
+        if gate is None:
+            gate = self.gate(y)
+        if dilated is None:
+            # conv2 reads a 3×3 neighbourhood, so conv1 must cover the dilated mask (the
+            # reference: max_pool2d(gate, 3, 1, 1), for execution and for cost)
+            dilated = F.max_pool2d(gate, 3, stride=1, padding=1)
         if (self.train_gn_mode if self.training else self.gn_mode) == "dense":
             branch = self.conv2(self.conv1(y))
         else:
-            fused = masked_gated_residual(y, gate, self.conv1, self.conv2, inplace=owned)
+            fused = masked_gated_residual(
+                y, gate, self.conv1, self.conv2, inplace=owned, dilated=dilated
+            )
             if fused is not None:  # channels-last input at inference: no zero maps between
-                return fused, gate
-            # conv2 reads a 3×3 neighbourhood, so conv1 must cover the dilated mask.
-            hidden = self.conv1(y, dilate_mask(gate), "masked")
+                return fused, gate, dilated
+            hidden = self.conv1(y, dilated, "masked")
             branch = self.conv2(hidden, gate, "masked")
         if inplace:
-            return branch.mul_(gate).add_(y).relu_(), gate
-        return F.relu(y + branch * gate), gate
+            return branch.mul_(gate).add_(y).relu_(), gate, dilated
+        return F.relu(y + branch * gate), gate, dilated
+
+    def forward_levels(
+        self, ys: Sequence[Tensor], owned: bool = False
+    ) -> list[tuple[Tensor, Tensor | None, Tensor | None]]:
+        """:meth:`forward` of each level map (the block is shared across levels). In eval
+        mode with ``gn_mode="masked"`` the sparse branches of all levels run as one batch
+        (:func:`masked_gated_residual_levels`): same numbers, fewer and longer GEMMs."""
+        if self.gate is None or self.training or self.gn_mode != "masked":
+            return [self.forward(y, owned) for y in ys]
+        gates = [self.gate(y) for y in ys]
+        dilated = [F.max_pool2d(g, 3, stride=1, padding=1) for g in gates]
+        fused = masked_gated_residual_levels(
+            ys, gates, self.conv1, self.conv2, inplace=owned, dilated=dilated
+        )
+        if fused is None:
+            fused = [None] * len(ys)
+        return [
+            (z, g, d) if z is not None else self.forward(y, owned, g, d)
+            for y, z, g, d in zip(ys, fused, gates, dilated, strict=True)
+        ]
 
 
 class RoutingLayer(nn.Module):
@@ -332,23 +387,31 @@ class RoutingLayer(nn.Module):
     def forward(self, features: Sequence[Tensor]) -> tuple[list[Tensor], RoutingCost]:
         num = len(features)
         n = features[0].shape[0]
-        cost = RoutingCost.zeros(n, features[0])
         down: list[Tensor | None] = []
         up: list[Tensor | None] = []
         gates: dict[str, list[Tensor | None]] = {"down": [], "up": [], "depth": []}
+        scale_gates: list[Tensor] = []
         for level, x in enumerate(features):
+            wanted = [
+                used or (self.dynamic and self.count_unused_paths)
+                for used in (level < num - 1, level > 0)
+            ]
+            pair: tuple[Tensor | None, Tensor | None] = (None, None)
+            first, second = (path.gate for path in self.scale_paths)
+            if all(wanted) and first is not None and second is not None:
+                pair = paired_gates(x, first, second)
             for s, (store, used) in enumerate(((down, level < num - 1), (up, level > 0))):
-                if not (used or (self.dynamic and self.count_unused_paths)):
+                if not wanted[s]:
                     store.append(None)
                     gates["down" if s == 0 else "up"].append(None)
                     continue
-                feature, gate = self.scale_paths[s](x, compute=used)
+                feature, gate = self.scale_paths[s](x, compute=used, gate=pair[s])
                 store.append(feature)
                 gates["down" if s == 0 else "up"].append(gate)
                 if gate is not None:
-                    cost = cost + RoutingCost.of_gate(gate, self.scale_unit, detach=True)
+                    scale_gates.append(gate)
 
-        outputs = []
+        ys = []
         for level, x in enumerate(features):
             size = x.shape[-2:]
             parts = []
@@ -370,14 +433,19 @@ class RoutingLayer(nn.Module):
                 if self.scale_weight is not None:
                     y.mul_(self.scale_weight)
                 y.addcmul_(x, self.output_weight)
-            z, gate = self.depth(y, owned=True)
+            ys.append(y)
+        outputs = []
+        depth_gates: list[Tensor] = []
+        for z, gate, dilated in self.depth.forward_levels(ys, owned=True):
             outputs.append(z)
             gates["depth"].append(gate)
             if gate is not None:
-                cost = cost + RoutingCost.of_gate(gate, self.depth_unit, detach=False)
-                dilated = F.max_pool2d(gate, 3, stride=1, padding=1)
-                cost = cost + RoutingCost.of_gate(dilated, self.depth_unit, detach=False)
-        if not self.dynamic:
+                depth_gates += [gate, dilated]
+        if self.dynamic:
+            cost = RoutingCost.of_gates(depth_gates, self.depth_unit, detach=False)
+            if scale_gates:  # none with a single level and unused paths not counted
+                cost = cost + RoutingCost.of_gates(scale_gates, self.scale_unit, detach=True)
+        else:
             macs = self.full_cost([tuple(f.shape[-2:]) for f in features])
             cost = RoutingCost.static(n, macs, features[0])
         if self.keep_gates:

@@ -12,6 +12,7 @@ fixes what that counter gets wrong for dynadet's pure-PyTorch ops (checked on to
 op                               FlopCounterMode alone               here
 ===============================  ==================================  ============================
 conv, linear, mm, bmm, addmm     2·MACs (bias not counted)           the same
+oneDNN ``_linear_pointwise``     not counted                         as ``linear``
 in-place ``addmm_``/``baddbmm_``  not counted                         as their out-of-place form
 bilinear ``F.grid_sample``       not counted                         4 MACs per output value
                                                                      (bicubic 16, nearest 0)
@@ -19,9 +20,9 @@ bilinear ``F.interpolate``       not counted (decomposed to          4 MACs per 
                                  elementwise ops under no-grad)
 DCN :func:`deform_conv2d`        0 (GEMM is ``baddbmm_``,            conv MACs + 4 MACs per
 (pure PyTorch or torchvision)    sampling is ``grid_sample``)        bilinear sample
-masked conv                      first of the k² taps (``mm``; the   active output pixels ×
-(:class:`MaskedConvGN` + mask)   rest are ``addmm_``), or the whole  C_out × C_in/groups × k²,
-                                 dense conv on the dense fallback    whichever path runs
+masked conv                      its GEMMs (as above), or the whole  active output pixels ×
+(:class:`MaskedConvGN` + mask)   dense conv on the dense fallback    C_out × C_in/groups × k²,
+                                                                     whichever path runs
 RoIAlign (module)                0 (``embedding_bag``)               4 MACs per bilinear sample
 norms, activations, elementwise  not counted                         not counted
 ===============================  ==================================  ============================
@@ -217,6 +218,12 @@ def _gemm_flops(_self: Any, a: Sequence[int], b: Sequence[int], *args: Any, **kw
     return 2 * batch * a[-2] * a[-1] * b[-1]
 
 
+def _linear_flops(x: Sequence[int], w: Sequence[int], *args: Any, **kwargs: Any) -> int:
+    """oneDNN ``mkldnn::_linear_pointwise`` (the sparse conv's GEMM on CPU): 2·MACs of
+    ``x [M, K] @ w[N, K]ᵀ``."""
+    return 2 * math.prod(x[:-1]) * x[-1] * w[0]
+
+
 def _grid_sample_flops(
     input: Sequence[int], grid: Sequence[int], mode: int, *args: Any, out_shape: Any = None,
     **kwargs: Any,
@@ -255,6 +262,10 @@ def op_formulas() -> dict[Any, Callable[..., int]]:
         aten.upsample_bicubic2d: bicubic,
         aten.upsample_bicubic2d.vec: bicubic,
     }
+    try:  # CPU builds with oneDNN
+        table[torch.ops.mkldnn._linear_pointwise] = _linear_flops
+    except (AttributeError, RuntimeError):
+        pass
     try:  # registered only when torchvision's ops are loaded (never imported here)
         table[torch.ops.torchvision.deform_conv2d] = _torchvision_dcn_flops
     except (AttributeError, RuntimeError):
