@@ -14,9 +14,12 @@ This module does the same for batches of any size, on any device, in pure PyTorc
 2. the input is copied once into a zero-padded channels-last buffer ``[N·Hp·Wp, C]``, so every
    tap of every active pixel is a contiguous row at ``base + ky·d·Wp + kx·d`` — no ``unfold``,
    no bounds checks;
-3. per tap, an ``index_select`` of ``[K, C]`` rows and an accumulating GEMM (measured faster on
-   CPU than one ``[K, C·k²]`` im2col GEMM, and it needs ``k²``× less scratch memory), in chunks
-   of rows so the scratch stays cache-sized;
+3. on CPU in float32, per chunk of 512 windows, the im2col rows ``[rows, k²·C]`` (one
+   ``index_select`` of ``k`` contiguous ``[k·C]`` blocks per window from an overlapping view)
+   and one oneDNN matmul (~15 % faster than MKL's GEMM here; the row count of a short last
+   chunk is rounded up to a multiple of 64 so that oneDNN's shape-specialised kernels are
+   reused); elsewhere (CUDA, half precision) per tap an ``index_select`` of ``[K, C]`` rows and
+   an accumulating GEMM, in cache-sized chunks;
 4. GroupNorm over the active rows of each image (``index_add`` per image and group), ReLU;
 5. ``index_copy`` into a zero ``[N·Ho·Wo, C_out]`` buffer, returned as an ``[N, C_out, Ho, Wo]``
    view with channels-last strides (no transpose copy; every PyTorch op accepts it).
@@ -34,8 +37,9 @@ autograd keeps a single index per conv. Under autocast the gathers and GEMMs run
 dtype and GroupNorm statistics in float32.
 
 Inference extras: :func:`masked_gated_residual` fuses FGDH's two-conv depth path for
-channels-last inputs, and the per-call buffers (padded input, gathered rows, GEMM output) are
-per-thread scratch reused across calls.
+channels-last inputs (:func:`masked_gated_residual_levels`: all pyramid levels in one batch,
+since the convs are shared across levels), and the per-call buffers (padded input, gathered
+rows, GEMM output) are per-thread scratch reused across calls.
 """
 
 from __future__ import annotations
@@ -64,9 +68,12 @@ __all__ = [
 GN_MODES = ("masked", "dense")
 
 # Fraction of active output pixels above which the dense conv is used. Measured with
-# benchmarks/masked_conv.py (256→256 3×3 + GN on 100×168, 1 CPU thread, random masks): the
-# gather path takes ~0.7× the dense time at 50 %, ~1.0× at 60–70 % and ~1.5× at 100 %. On a GPU
-# the crossover is probably lower (cuDNN vs gather + GEMM): measure with ``--device cuda``.
+# benchmarks/masked_conv.py (256→256 3×3 + GN on 100×168, 1 CPU thread, random masks): with
+# the per-tap GEMMs the gather path took ~0.7× the dense time at 50 %, ~1.0× at 60–70 % and
+# ~1.5× at 100 %; the CPU float32 path (im2col + oneDNN) is now faster than dense up to 90 %
+# (1.13×) and 0.96× of it at 100 %. The default stays at 0.65 because it also decides masked
+# training (autograd through the gathers, not re-measured above 65 %) and the GPU path; at
+# CPU inference a threshold up to 0.9 pays (``dense_threshold`` of the heads and modules).
 DEFAULT_DENSE_THRESHOLD = 0.65
 
 # Inference scratch buffers alive at the same time (see _scratch).

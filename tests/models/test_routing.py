@@ -614,3 +614,48 @@ def test_masked_training_with_every_gate_closed_still_reaches_every_parameter() 
     depth = tower.layers[0].depth
     for p in (depth.conv1.weight, depth.conv2.weight, depth.conv1.norm.weight):
         assert p.grad is not None and p.grad.abs().max() == 0
+
+
+def test_tower_float32_inference_matches_reference_transcription() -> None:
+    """The float32 CPU inference path (oneDNN GEMMs, levels batched) against the float64
+    transcription of the reference."""
+    tower = randomised_tower(seed=2).eval()
+    feats = [f.double() for f in tiny_levels(n=2, c=8, seed=5)]
+    with torch.no_grad():
+        expected = ref_tower(reference_state_dict(tower, 2), feats, 2, 2, True)
+        outs, cost = tower.float()([f.float() for f in feats])
+    assert (cost.executed < cost.full).all()
+    for o, e in zip(outs, expected, strict=True):
+        torch.testing.assert_close(o.double(), e, atol=2e-4, rtol=2e-4)
+
+
+def test_paired_gates_equal_single_gates() -> None:
+    from dynadet.models.routing import paired_gates
+
+    torch.manual_seed(0)
+    first, second = SpatialGate(8), SpatialGate(8)
+    with torch.no_grad():
+        second.conv.weight.normal_(0, 0.5)
+        second.conv.bias.fill_(-0.1)
+    x = torch.randn(2, 8, 7, 9).contiguous(memory_format=torch.channels_last)
+    a, b = paired_gates(x, first, second)
+    torch.testing.assert_close(a, first(x))
+    torch.testing.assert_close(b, second(x))
+    assert (b == 0).any() and (b > 0).any()
+
+
+def test_cost_of_gates_equals_the_sum_over_gates() -> None:
+    gen = torch.Generator().manual_seed(1)
+    gates = [
+        torch.rand(2, 1, h, w, generator=gen).sub(0.4).clamp(min=0).requires_grad_()
+        for h, w in [(5, 6), (3, 3)]
+    ]
+    cost = RoutingCost.of_gates(gates, 10, detach=False)
+    for i in range(2):
+        soft = sum(float(g[i].sum()) for g in gates) * 10
+        executed = sum(int((g[i] > 0).sum()) for g in gates) * 10
+        assert math.isclose(float(cost.soft[i]), soft, rel_tol=1e-6)
+        assert cost.executed[i].item() == executed and cost.full[i].item() == (30 + 9) * 10
+    cost.soft.sum().backward()
+    assert all(torch.equal(g.grad, torch.full_like(g, 10.0)) for g in gates)
+    assert not RoutingCost.of_gates(gates, 10, detach=True).soft.requires_grad

@@ -450,3 +450,71 @@ def test_fused_gated_residual_declines_what_it_does_not_cover() -> None:
         assert masked_gated_residual(cl, gate, conv1, conv2) is None
     conv1.dense_threshold = 2.0
     assert masked_gated_residual(cl, gate, conv1, conv2) is None  # autograd: unfused path
+
+
+needs_onednn = pytest.mark.skipif(
+    masked_conv_mod._ONEDNN_LINEAR is None, reason="this torch build has no oneDNN matmul"
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_levels_batch_equals_level_by_level(dtype: torch.dtype) -> None:
+    """Several levels through one sparse stream = each level alone; a level above the dense
+    threshold comes back as None (the caller runs it unfused), the others are still fused."""
+    from dynadet.ops.masked_conv import masked_gated_residual, masked_gated_residual_levels
+
+    conv1, conv2 = (conv.to(dtype) for conv in _depth_convs(8, 2, seed=3))
+    sizes, densities = [(9, 11), (5, 6), (3, 3), (4, 7)], [0.08, 0.05, 0.0, 0.9]
+    ys, gates = [], []
+    for i, ((h, w), density) in enumerate(zip(sizes, densities, strict=True)):
+        x, _, _ = make(2, 8, h, w, 8, seed=10 + i)
+        ys.append(x.to(dtype).contiguous(memory_format=torch.channels_last))
+        g = torch.Generator().manual_seed(i)
+        gates.append(random_mask(2, h, w, density, seed=i).to(dtype)
+                     * torch.rand(2, 1, h, w, generator=g).to(dtype))  # fmt: skip
+    conv1.dense_threshold = 0.8  # the 90 % level's dilated mask is above it
+    tol = {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {}
+    with torch.no_grad():
+        batched = masked_gated_residual_levels(ys, gates, conv1, conv2)
+        alone = [masked_gated_residual(y, g, conv1, conv2) for y, g in zip(ys, gates, strict=True)]
+    assert batched is not None and batched[3] is None and alone[3] is None
+    for b, a in zip(batched[:3], alone[:3], strict=True):
+        assert b is not None and a is not None
+        torch.testing.assert_close(b, a, **tol)
+
+
+@needs_onednn
+def test_onednn_and_per_tap_gemm_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU float32 inference uses im2col rows + oneDNN; other devices and dtypes the per-tap
+    GEMMs. Both against the dense conv, with several im2col chunks and a short last one."""
+    monkeypatch.setattr(masked_conv_mod, "_IM2COL_ROWS", 64)
+    x, weight, bias = make(2, 6, 13, 17, 5, seed=8)
+    mask = random_mask(2, 13, 17, 0.55, seed=9)  # ~243 rows: 4 chunks, the last one short
+    expected = F.conv2d(x, weight, bias, padding=1) * mask
+    with torch.no_grad():
+        onednn = masked_conv2d(x, mask, weight, bias, dense_threshold=SPARSE)
+        monkeypatch.setattr(masked_conv_mod, "_ONEDNN_LINEAR", None)
+        per_tap = masked_conv2d(x, mask, weight, bias, dense_threshold=SPARSE)
+    torch.testing.assert_close(onednn, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(per_tap, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_onednn_row_counts_are_bucketed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN compiles a kernel per new row count: masks of any density only ever give row
+    counts that are multiples of 64 (and at most one chunk), and results stay exact."""
+    seen: set[int] = set()
+    real = masked_conv_mod._ONEDNN_LINEAR
+
+    def spy(rows, *args):
+        seen.add(rows.shape[0])
+        return real(rows, *args)
+
+    monkeypatch.setattr(masked_conv_mod, "_ONEDNN_LINEAR", spy)
+    x, weight, _ = make(1, 4, 40, 41, 4, seed=2)
+    with torch.no_grad():
+        for seed, density in enumerate([0.01, 0.07, 0.2, 0.33, 0.5]):
+            mask = random_mask(1, 40, 41, density, seed=seed)
+            out = masked_conv2d(x, mask, weight, dense_threshold=SPARSE)
+            torch.testing.assert_close(out, F.conv2d(x, weight, padding=1) * mask)
+    assert seen and all(m % 64 == 0 and m <= masked_conv_mod._IM2COL_ROWS for m in seen)

@@ -243,3 +243,16 @@ def test_presets_equal_the_row_specification(name: str) -> None:
     assert preset == fgdh_config(name, from_spec=True)
     alias = next(a for a, n in FGDH_ALIASES.items() if n == name)
     assert fgdh_config(alias) == preset
+
+
+def test_onednn_linear_is_counted() -> None:
+    """The sparse conv's CPU GEMM (oneDNN ``_linear_pointwise``) counts as a linear layer."""
+    try:
+        linear = torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        pytest.skip("this torch build has no oneDNN matmul")
+    x, w = torch.randn(70, 36), torch.randn(5, 36)
+    with torch.no_grad(), MacCounter() as counter:
+        out = linear(x, w, None, "none", [], "")
+    torch.testing.assert_close(out, x @ w.t())
+    assert counter.report().macs == 70 * 36 * 5
