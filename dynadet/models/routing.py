@@ -20,9 +20,12 @@ Inference. Gate zeros are exact, so in eval mode the depth path runs through
 :func:`~dynadet.ops.masked_conv.masked_conv_gn`: conv1 on the gate mask dilated by 3×3, conv2 on
 the gate mask, with GroupNorm statistics over those active pixels (``gn_mode="masked"``, as the
 reference evaluated its released weights); ``gn_mode="dense"`` computes the training formula
-instead. The scale paths stay dense (as in the reference). Without autograd the towers run
-channels-last, the depth path is the fused
-:func:`~dynadet.ops.masked_conv.masked_gated_residual` and temporaries are updated in place.
+instead. The scale paths stay dense (as in the reference: their GroupNorm statistics cover the
+whole map, so they cannot skip closed pixels without changing the numbers; the gates decide the
+masks and run everywhere). Without autograd the towers run channels-last, the depth paths of
+all levels of a layer are one fused batch
+(:func:`~dynadet.ops.masked_conv.masked_gated_residual_levels`), the two scale-path gates of a
+level come from one two-channel conv, and temporaries are updated in place.
 
 Training. The reference trains the depth path densely (``train_gn_mode="dense"``, default);
 ``train_gn_mode="masked"`` trains the inference formula itself, through the sparse path with
