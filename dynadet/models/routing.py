@@ -289,12 +289,8 @@ class GatedResidualBlock(nn.Module):
         if self.gate is None:
             branch = self.conv2(self.conv1(y))
             return (branch.add_(y).relu_() if inplace else F.relu(y + branch)), None, None
-        if gate is None:
-            gate = self.gate(y)
-        if dilated is None:
-            # conv2 reads a 3×3 neighbourhood, so conv1 must cover the dilated mask (the
-            # reference: max_pool2d(gate, 3, 1, 1), for execution and for cost)
-            dilated = F.max_pool2d(gate, 3, stride=1, padding=1)
+        if gate is None or dilated is None:
+            gate, dilated = self._gate_and_dilated(y)
         if (self.train_gn_mode if self.training else self.gn_mode) == "dense":
             branch = self.conv2(self.conv1(y))
         else:
@@ -309,6 +305,14 @@ class GatedResidualBlock(nn.Module):
             return branch.mul_(gate).add_(y).relu_(), gate, dilated
         return F.relu(y + branch * gate), gate, dilated
 
+    def _gate_and_dilated(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The gate of ``y`` and its 3×3 max-pool: conv2 reads a 3×3 neighbourhood, so conv1
+        must cover the dilated mask (the reference: ``max_pool2d(gate, 3, 1, 1)``, for
+        execution and for cost)."""
+        assert self.gate is not None
+        gate = self.gate(y)
+        return gate, F.max_pool2d(gate, 3, stride=1, padding=1)
+
     def forward_levels(
         self, ys: Sequence[Tensor], owned: bool = False
     ) -> list[tuple[Tensor, Tensor | None, Tensor | None]]:
@@ -317,8 +321,7 @@ class GatedResidualBlock(nn.Module):
         (:func:`masked_gated_residual_levels`): same numbers, fewer and longer GEMMs."""
         if self.gate is None or self.training or self.gn_mode != "masked":
             return [self.forward(y, owned) for y in ys]
-        gates = [self.gate(y) for y in ys]
-        dilated = [F.max_pool2d(g, 3, stride=1, padding=1) for g in gates]
+        gates, dilated = zip(*(self._gate_and_dilated(y) for y in ys), strict=True)
         fused = masked_gated_residual_levels(
             ys, gates, self.conv1, self.conv2, inplace=owned, dilated=dilated
         )
@@ -394,13 +397,13 @@ class RoutingLayer(nn.Module):
         up: list[Tensor | None] = []
         gates: dict[str, list[Tensor | None]] = {"down": [], "up": [], "depth": []}
         scale_gates: list[Tensor] = []
+        first, second = (path.gate for path in self.scale_paths)
         for level, x in enumerate(features):
             wanted = [
                 used or (self.dynamic and self.count_unused_paths)
                 for used in (level < num - 1, level > 0)
             ]
             pair: tuple[Tensor | None, Tensor | None] = (None, None)
-            first, second = (path.gate for path in self.scale_paths)
             if all(wanted) and first is not None and second is not None:
                 pair = paired_gates(x, first, second)
             for s, (store, used) in enumerate(((down, level < num - 1), (up, level > 0))):

@@ -294,35 +294,39 @@ def clear_workspace() -> None:
     _WORKSPACE.__dict__.pop("buffers", None)
 
 
-def _tap_weights(weight: Tensor) -> Tensor:
-    """``weight [C_out, C_in, kh, kw]`` as contiguous ``[kh·kw, C_in, C_out]``: one GEMM operand
-    per tap (a strided view would be copied by every GEMM).
-
-    Without autograd the reordered copy is cached per weight tensor and rebuilt when the
-    weight changes in place (its version counter moves: optimizer steps, ``load_state_dict``,
-    ``nn.init``), so inference reorders each layer's weight once instead of on every call.
-    Writes through ``weight.data`` bypass the version counter and are not seen."""
-    kh, kw = weight.shape[-2:]
-
-    def reorder() -> Tensor:
-        return weight.permute(2, 3, 1, 0).reshape(kh * kw, weight.shape[1], weight.shape[0])
-
+def _cached_layout(weight: Tensor, name: str, reorder) -> Tensor:
+    """``reorder(weight)`` (a contiguous GEMM operand), cached on the weight tensor under
+    ``name`` and rebuilt when the weight changes in place (its version counter moves: optimizer
+    steps, ``load_state_dict``, ``nn.init``), so inference reorders each layer's weight once
+    instead of on every call. Writes through ``weight.data`` bypass the version counter and are
+    not seen. Under autograd (a weight that requires grad) it is recomputed, in the graph."""
     if weight.requires_grad and torch.is_grad_enabled():
-        return reorder().contiguous()
+        return reorder(weight).contiguous()
     key = (weight._version, weight.dtype, weight.device)
-    cached = getattr(weight, "_dynadet_tap_weights", None)  # kept on the tensor: freed with it
+    cached = getattr(weight, name, None)  # kept on the tensor: freed with it
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            cached = (key, reorder().contiguous())
-        weight._dynadet_tap_weights = cached
+            cached = (key, reorder(weight).contiguous())
+        setattr(weight, name, cached)
     return cached[1]
+
+
+def _tap_weights(weight: Tensor) -> Tensor:
+    """``weight [C_out, C_in, kh, kw]`` as contiguous ``[kh·kw, C_in, C_out]``: one GEMM operand
+    per tap (a strided view would be copied by every GEMM); cached (:func:`_cached_layout`)."""
+    kh, kw = weight.shape[-2:]
+    return _cached_layout(
+        weight, "_dynadet_tap_weights",
+        lambda w: w.permute(2, 3, 1, 0).reshape(kh * kw, w.shape[1], w.shape[0]),
+    )
 
 
 # Windows per im2col chunk on CPU: [512, 9·256] float32 rows are 4.7 MB (measured on 2 threads:
 # 512 rows 41 ms, 2048 rows 46 ms for 7123 windows of a 256→256 3×3 conv).
 _IM2COL_ROWS = 512
 _ROW_BUCKET = 64
-# oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, ``x @ wᵀ + b``), where the build has it
+# oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, ``x @ wᵀ + b``), where the build has
+# it (None elsewhere; the MAC counter counts it too)
 try:
     _ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise
 except (AttributeError, RuntimeError):
@@ -331,14 +335,16 @@ except (AttributeError, RuntimeError):
 
 def _matmul_weights(weight: Tensor) -> Tensor:
     """``weight [C_out, C_in, kh, kw]`` as contiguous ``[C_out, kh·kw·C_in]`` (tap-major, the
-    im2col column order), cached like :func:`_tap_weights` (inference only)."""
-    key = (weight._version, weight.dtype, weight.device)
-    cached = getattr(weight, "_dynadet_matmul_weights", None)
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = (key, weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous())
-        weight._dynadet_matmul_weights = cached
-    return cached[1]
+    im2col column order); cached (:func:`_cached_layout`)."""
+    return _cached_layout(
+        weight, "_dynadet_matmul_weights",
+        lambda w: w.permute(0, 2, 3, 1).reshape(w.shape[0], -1),
+    )
+
+
+def _round_up(rows: int) -> int:
+    """``rows`` rounded up to a multiple of ``_ROW_BUCKET``."""
+    return -(-rows // _ROW_BUCKET) * _ROW_BUCKET
 
 
 def _padded_rows(x: Tensor, padding: tuple[int, int], dtype: torch.dtype, slot: int = 0) -> Tensor:
@@ -451,7 +457,7 @@ def _im2col_matmul(
     windows = source.as_strided((source.shape[0] - span + 1, kw, c), (c, dilation[1] * c, 1))
     starts = _tap_rows(base, kh, kw, wp, dilation, rows_only=True).reshape(-1)
     w_mat = _matmul_weights(weight)
-    chunk = min(-(-base.shape[0] // _ROW_BUCKET) * _ROW_BUCKET, _IM2COL_ROWS)
+    chunk = min(_round_up(base.shape[0]), _IM2COL_ROWS)
     cols = _scratch(source, (chunk, kh * kw * c), source.dtype, _SLOT_GATHER)
     for start in range(0, base.shape[0], chunk):
         idx = starts[start * kh : (start + chunk) * kh]
@@ -460,7 +466,7 @@ def _im2col_matmul(
         # oneDNN builds (JIT-compiles) a kernel per new row count, ~1 ms each (measured): a
         # short last chunk is rounded up to a multiple of _ROW_BUCKET (its extra rows hold
         # stale data and are dropped), so mask-dependent counts reuse a few kernels
-        rows = cols[: min(chunk, -(-m // _ROW_BUCKET) * _ROW_BUCKET)]
+        rows = cols[: min(chunk, _round_up(m))]
         out[start : start + m] = _ONEDNN_LINEAR(rows, w_mat, bias, "none", [], "")[:m]
     return out
 

@@ -56,7 +56,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dynadet.ops.masked_conv import MaskedConvGN
+from dynadet.ops.masked_conv import _ONEDNN_LINEAR, MaskedConvGN
 from dynadet.ops.roi_align import MultiScaleRoIAlign, RoIAlign
 
 __all__ = [
@@ -262,10 +262,8 @@ def op_formulas() -> dict[Any, Callable[..., int]]:
         aten.upsample_bicubic2d: bicubic,
         aten.upsample_bicubic2d.vec: bicubic,
     }
-    try:  # CPU builds with oneDNN
-        table[torch.ops.mkldnn._linear_pointwise] = _linear_flops
-    except (AttributeError, RuntimeError):
-        pass
+    if _ONEDNN_LINEAR is not None:  # the sparse conv's GEMM on CPU builds with oneDNN
+        table[_ONEDNN_LINEAR] = _linear_flops
     try:  # registered only when torchvision's ops are loaded (never imported here)
         table[torch.ops.torchvision.deform_conv2d] = _torchvision_dcn_flops
     except (AttributeError, RuntimeError):
